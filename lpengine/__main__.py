@@ -1,0 +1,3 @@
+from lpengine.cli import main
+
+main()

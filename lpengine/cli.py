@@ -1,0 +1,185 @@
+"""`lpengine` / `python -m lpengine`: the only place that owns the event loop, signals, logging setup and exit codes.
+
+Exit codes: 0 all items succeeded · 1 some items failed · 2 bad config, input or environment · 3 another run of the
+same batch holds the lock · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import anyio
+import typer
+
+from lpengine import logs
+from lpengine.config import BatchConfig, load_config
+from lpengine.engine import DryRunReport, Engine
+from lpengine.errors import AuthError, BatchLockedError, ConfigError, LPEngineError, QuotaError, StorageError
+from lpengine.models import ItemState, RunReport
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+app = typer.Typer(
+    name="lpengine",
+    help="Batch talking-portrait videos with DashScope LivePortrait.\n\n"
+    "Examples:\n\n  lpengine demo\n\n  lpengine run configs/batch.yaml --dry-run\n\n"
+    "  lpengine run configs/batch.yaml --limit 10\n\n  lpengine status configs/batch.yaml",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+
+T = TypeVar("T")
+
+ConfigArg = Annotated[Path, typer.Argument(help="Batch YAML file (see configs/batch.yaml).")]
+LogFormat = Annotated[str, typer.Option("--log-format", help="stderr log format: console or json.")]
+LogLevel = Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")]
+
+
+def _fail(lines: list[str], code: int) -> typer.Exit:
+    for line in lines:
+        typer.echo(f"error: {line}", err=True)
+    return typer.Exit(code)
+
+
+def _load(path: Path, output: Path | None = None) -> BatchConfig:
+    overrides: dict[str, Any] = {}
+    if output is not None:
+        overrides["output.dir"] = str(output.absolute())
+    try:
+        return load_config(path, overrides=overrides)
+    except ConfigError as exc:
+        raise _fail(exc.problems, EXIT_CONFIG) from None
+
+
+def _setup_logging(fmt: str, level: str | None) -> None:
+    if fmt not in ("console", "json"):
+        raise _fail([f"--log-format: {fmt!r} is not allowed; use console or json"], EXIT_CONFIG)
+    # Off a TTY (cron) only warnings reach stderr unless asked: the final JSON line is the record.
+    default = "info" if sys.stderr.isatty() else "warning"
+    logs.configure(fmt=fmt, level=level or default)
+
+
+def _run_async(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main` with SIGINT/SIGTERM handling: the first signal stops the engine gracefully, the second exits."""
+    try:
+        return anyio.run(main)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+async def _with_signals(engine: Engine, body: Callable[[], Awaitable[T]]) -> tuple[T | None, bool]:
+    interrupted = False
+
+    async def watch(scope: anyio.CancelScope) -> None:
+        nonlocal interrupted
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if interrupted:
+                    os._exit(EXIT_INTERRUPTED)  # second signal: now. State on disk is already consistent.
+                interrupted = True
+                typer.echo(
+                    f"\n{signal.Signals(signum).name}: stopping; state is saved, re-run to resume "
+                    "(signal again to exit at once)",
+                    err=True,
+                )
+                engine.stop()
+
+    result: T | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch, tg.cancel_scope)
+        result = await body()
+        tg.cancel_scope.cancel()
+    return result, interrupted
+
+
+def _summary_lines(report: RunReport, config: BatchConfig) -> list[str]:
+    lines = [f"{len(report.items)} item(s) in {report.wall_time_s:.1f} s — estimated cost {report.cost_cny:.3f} CNY"]
+    for state, n in report.counts.items():
+        lines.append(f"  {state:<17} {n}")
+    reasons: dict[str, int] = {}
+    for r in report.items:
+        if r.state is not ItemState.SUCCEEDED:
+            reasons[f"{r.state.value}: {r.reason}"] = reasons.get(f"{r.state.value}: {r.reason}", 0) + 1
+    for text, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
+        lines.append(f"  ✗ {n}× {text[:160]}")
+    lines.append(f"videos and report.json / report.csv in {config.output_dir}")
+    return lines
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Check locally, estimate cost, send nothing.")] = False,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N items.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Override output.dir.")] = None,
+    log_format: LogFormat = "console",
+    log_level: LogLevel = None,
+) -> None:
+    """Run a batch: upload → detect → submit → poll → download, then write the reports."""
+    _setup_logging(log_format, log_level)
+    cfg = _load(config, output)
+    if dry_run:
+        raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))
+    raise typer.Exit(_run_async(lambda: _run(cfg, limit)))
+
+
+async def _run(cfg: BatchConfig, limit: int | None) -> int:
+    try:
+        async with Engine(cfg) as engine:
+            report, interrupted = await _with_signals(engine, lambda: engine.run(limit=limit))
+    except BatchLockedError as exc:
+        raise _fail([str(exc)], EXIT_LOCKED) from None
+    except ConfigError as exc:
+        raise _fail(exc.problems, EXIT_CONFIG) from None
+    except (AuthError, QuotaError) as exc:
+        raise _fail([f"{exc.code}: {exc.message} — the batch stopped; state is saved"], EXIT_CONFIG) from None
+    except StorageError as exc:
+        raise _fail([f"storage: {exc}"], EXIT_CONFIG) from None
+    except LPEngineError as exc:
+        raise _fail([str(exc)], EXIT_CONFIG) from None
+    assert report is not None
+    if sys.stdout.isatty():
+        typer.echo("\n".join(_summary_lines(report, cfg)))
+    else:
+        typer.echo(json.dumps({"event": "batch.summary", **report.summary()}, ensure_ascii=False))
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+async def _dry_run(cfg: BatchConfig, limit: int | None) -> int:
+    try:
+        async with Engine(
+            cfg.model_copy(update={"api": cfg.api.model_copy(update={"emulator": None})}),
+            api_key="dry-run-sends-nothing",
+            lock=False,
+        ) as engine:
+            report: DryRunReport = await engine.dry_run(limit=limit)
+    except ConfigError as exc:
+        raise _fail(exc.problems, EXIT_CONFIG) from None
+    except LPEngineError as exc:
+        raise _fail([str(exc)], EXIT_CONFIG) from None
+    rejected = [r for r in report.items if r.state is ItemState.REJECTED_LOCALLY]
+    typer.echo(f"dry run — nothing was sent. {len(report.items)} item(s) planned:")
+    typer.echo(f"  already done (skipped)  {report.already_done}")
+    typer.echo(f"  rejected locally        {len(rejected)}")
+    typer.echo(f"  would detect            {report.would_detect}  (× {cfg.pricing.detect_per_image} CNY)")
+    typer.echo(
+        f"  would submit            {report.would_submit}  ({report.video_seconds:.1f} s of video "
+        f"× {cfg.pricing.video_per_second} CNY/s)"
+    )
+    typer.echo(f"  estimated cost          {report.estimated_cost_cny:.3f} CNY")
+    for r in rejected[:50]:
+        typer.echo(f"  ✗ {r.reason}")
+    return EXIT_OK if not rejected else EXIT_FAILED
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,464 @@
+"""Batch configuration: YAML on disk → validated pydantic models, before anything is sent.
+
+Every model forbids unknown keys, because a typo (`eye_move_frq`) silently ignored would cost money: the batch would
+run with the default instead of what the user meant. Ranges come from the API contract (§3) so an out-of-range
+value is refused locally instead of by a paid request.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from lpengine.errors import ConfigError
+
+__all__ = [
+    "ApiConfig",
+    "BatchConfig",
+    "ConcurrencyConfig",
+    "DashScopeTempStorageConfig",
+    "EmbeddedEmulatorConfig",
+    "FileServerStorageConfig",
+    "InputsConfig",
+    "LoggingConfig",
+    "OutputConfig",
+    "PricingConfig",
+    "RateLimitConfig",
+    "RetryConfig",
+    "S3StorageConfig",
+    "StateConfig",
+    "UrlStorageConfig",
+    "VideoParams",
+    "load_config",
+    "load_secrets",
+]
+
+DEFAULT_BASE_URL = "https://dashscope.aliyuncs.com/api/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class VideoParams(_Model):
+    """The `parameters` of a `liveportrait` submit (§3), with the documented ranges and defaults."""
+
+    template_id: Literal["normal", "calm", "active"] = "normal"
+    """Head-motion template: normal = medium motion, calm = small (news reading), active = large (singing)."""
+    eye_move_freq: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """Blink frequency, 0–1."""
+    video_fps: Annotated[int, Field(ge=15, le=30, strict=True)] = 24
+    """Output frame rate, an integer 15–30."""
+    mouth_move_strength: Annotated[float, Field(ge=0, le=1.5)] = 1.0
+    """Mouth motion amplitude, 0–1.5 (0 = the mouth does not move)."""
+    paste_back: Annotated[bool, Field(strict=True)] = True
+    """True keeps the whole picture; false outputs only the generated face region."""
+    head_move_strength: Annotated[float, Field(ge=0, le=1)] = 0.7
+    """Head motion amplitude, 0–1."""
+
+
+class VideoOverrides(_Model):
+    """Per-item overrides from a manifest row: any subset of `VideoParams`, same ranges."""
+
+    template_id: Literal["normal", "calm", "active"] | None = None
+    eye_move_freq: Annotated[float, Field(ge=0, le=1)] | None = None
+    video_fps: Annotated[int, Field(ge=15, le=30)] | None = None
+    mouth_move_strength: Annotated[float, Field(ge=0, le=1.5)] | None = None
+    paste_back: bool | None = None
+    head_move_strength: Annotated[float, Field(ge=0, le=1)] | None = None
+
+    def apply(self, base: VideoParams) -> VideoParams:
+        return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class InputsConfig(_Model):
+    """Where the images come from: a folder/glob, or a manifest with one row per item."""
+
+    images: str | None = None
+    """A folder (every image file directly inside it) or a glob such as `photos/**/*.jpg`, relative to the config."""
+    manifest: Path | None = None
+    """A CSV or JSONL file: column `image` (path or http(s) URL), optional `audio`, `output`, any video parameter."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputsConfig:
+        if (self.images is None) == (self.manifest is None):
+            raise ValueError("give exactly one of `images` (folder or glob) or `manifest` (CSV/JSONL)")
+        return self
+
+
+class RateLimitConfig(_Model):
+    """Client-side pacing per endpoint family (§7), so a well-configured run never earns a 429."""
+
+    detect_qps: Annotated[float, Field(gt=0, le=1000)] = 5.0
+    """`liveportrait-detect` requests per second (account-wide quota: 5 QPS, 300 RPM)."""
+    submit_qps: Annotated[float, Field(gt=0, le=1000)] = 5.0
+    """`liveportrait` task submissions per second (quota: 5 QPS)."""
+    query_qps: Annotated[float, Field(gt=0, le=1000)] = 20.0
+    """Task get/list/cancel requests per second, shared (quota: 20 QPS per account)."""
+    upload_policy_qps: Annotated[float, Field(gt=0, le=1000)] = 50.0
+    """Temporary-storage getPolicy calls per second (quota: 100 QPS per model)."""
+    max_concurrent_requests: Annotated[int, Field(ge=1, le=256)] = 16
+    """Upper bound on API requests in flight at once, all families together."""
+
+
+class RetryConfig(_Model):
+    """Retries for retryable errors and network faults: exponential backoff with jitter, bounded twice."""
+
+    attempts: Annotated[int, Field(ge=1, le=20)] = 6
+    """Total attempts per request, the first included."""
+    initial_wait_s: Annotated[float, Field(ge=0, le=60)] = 0.5
+    """First backoff; doubles each retry."""
+    max_wait_s: Annotated[float, Field(ge=0, le=300)] = 20.0
+    """Cap on one backoff."""
+    total_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 120.0
+    """Give up on a request after this long, retries included."""
+
+
+class EmbeddedEmulatorConfig(_Model):
+    """Run against the bundled DashScope emulator, started in-process: no API key, no cost."""
+
+    speedup: Annotated[float, Field(gt=0, le=100_000)] = 20.0
+    """Every service duration, quota and expiry is divided by this (and the client's pacing follows)."""
+    realtime_factor: Annotated[float, Field(gt=0, le=100)] = 1.5
+    """Emulated task run time = audio duration × this."""
+    detector: Literal["auto", "haar", "rule", "always_pass"] = "auto"
+    """How the emulator's detect decides (see docs/emulator.md)."""
+    video: Literal["real", "stub"] = "real"
+    """`real` encodes a playable MP4 of the image with the audio; `stub` serves a tiny fixed MP4."""
+
+
+class ApiConfig(_Model):
+    """How to reach DashScope. The API key is never here: it comes from `DASHSCOPE_API_KEY` (env or .env)."""
+
+    base_url: str = DEFAULT_BASE_URL
+    """The region's API root. LivePortrait exists only in China (Beijing) (§1)."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    """TCP+TLS connect timeout per request."""
+    request_timeout_s: Annotated[float, Field(gt=0, le=600)] = 60.0
+    """Whole-request timeout (detect fetches the image server-side, so allow some seconds)."""
+    download_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 600.0
+    """Timeout for downloading one result MP4."""
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    retry: RetryConfig = RetryConfig()
+    verify_tls: bool = True
+    """Keep on. Turning it off is logged loudly on every run."""
+    workspace: str | None = None
+    """Optional `X-DashScope-WorkSpace` id for sub-workspace keys."""
+    emulator: EmbeddedEmulatorConfig | None = None
+    """When set, an emulator is started in-process and `base_url` is ignored (the demo uses this)."""
+
+
+class FileServerStorageConfig(_Model):
+    """Serve the batch's files from a loopback HTTP server (the emulator, or a host the service can reach)."""
+
+    backend: Literal["fileserver"] = "fileserver"
+    host: str = "127.0.0.1"
+    """Bind address. Only loopback unless you expose the machine on purpose."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """0 picks a free port."""
+    public_base_url: str | None = None
+    """The URL prefix the service should use (e.g. behind a reverse proxy); default http://host:port."""
+
+
+class S3StorageConfig(_Model):
+    """S3-compatible object storage; Aliyun OSS is the target (§10). Credentials come from the environment."""
+
+    backend: Literal["s3"] = "s3"
+    bucket: str
+    """Bucket name (must exist)."""
+    endpoint_url: str | None = None
+    """e.g. https://s3.oss-cn-beijing.aliyuncs.com (OSS); None = AWS."""
+    region: str | None = None
+    """e.g. oss-cn-beijing."""
+    prefix: str = "lpengine/"
+    """Key prefix for the objects the batch creates."""
+    addressing_style: Literal["virtual", "path", "auto"] = "virtual"
+    """OSS refuses path-style (SecondLevelDomainForbidden); keep `virtual` for OSS."""
+    signature_version: Literal["s3v4", "s3"] = "s3v4"
+    """`s3` (SigV2) is Alibaba's documented fallback for boto3."""
+    url_margin_s: Annotated[float, Field(ge=0, le=86400)] = 3600.0
+    """Presigned URLs live as long as the batch needs plus this margin, never more."""
+    cleanup: Literal["on_success", "always", "never"] = "on_success"
+    """Delete the objects this batch created at the end: only if every item succeeded, always, or never."""
+
+
+class DashScopeTempStorageConfig(_Model):
+    """DashScope's free temporary storage (`oss://` URLs, 48 h, no bucket needed) (§8)."""
+
+    backend: Literal["dashscope_temp"] = "dashscope_temp"
+
+
+class UrlStorageConfig(_Model):
+    """Every input is already a public URL (manifest rows with http(s) images and audio); nothing is uploaded."""
+
+    backend: Literal["url"] = "url"
+
+
+StorageConfig = Annotated[
+    FileServerStorageConfig | S3StorageConfig | DashScopeTempStorageConfig | UrlStorageConfig,
+    Field(discriminator="backend"),
+]
+
+
+class ConcurrencyConfig(_Model):
+    """Workers per stage and the submission window. Throughput is bounded by the service (one task runs at a time)."""
+
+    upload: Annotated[int, Field(ge=1, le=256)] = 8
+    detect: Annotated[int, Field(ge=1, le=64)] = 4
+    submit: Annotated[int, Field(ge=1, le=16)] = 2
+    poll: Annotated[int, Field(ge=1, le=64)] = 4
+    """Concurrent task queries (all share the query QPS budget)."""
+    download: Annotated[int, Field(ge=1, le=64)] = 4
+    submit_window: Annotated[int, Field(ge=1, le=1000)] = 4
+    """Tasks outstanding at the service at once. The account runs one at a time and a task id expires 24 h after
+    creation, so a few queued tasks keep the runner busy without parking the whole batch at the service."""
+    buffer: Annotated[int, Field(ge=0, le=10_000)] = 8
+    """Items buffered between two stages (backpressure beyond that)."""
+
+
+class OutputConfig(_Model):
+    dir: Path = Path("output")
+    """Where videos, reports and the per-batch JSONL log go (relative to the config file)."""
+    overwrite: bool = False
+    """Replace an existing MP4 that this batch did not produce (verified outputs of this batch are always kept)."""
+
+
+class StateConfig(_Model):
+    path: Path | None = None
+    """SQLite state store; default `<output.dir>/.lpengine/state.db`."""
+    max_submit_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    """How many times one item may be submitted in total (retryable task failures, expired tasks)."""
+
+
+class LoggingConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["console", "json"] = "console"
+    """stderr format; the per-batch JSONL file in the output folder is always JSON."""
+
+
+class PricingConfig(_Model):
+    """Cost estimates in CNY (§7); change them if your contract differs."""
+
+    detect_per_image: Annotated[float, Field(ge=0)] = 0.004
+    video_per_second: Annotated[float, Field(ge=0)] = 0.02
+
+
+class LimitsConfig(_Model):
+    task_timeout_s: Annotated[float, Field(gt=0, le=7 * 86400)] = 4 * 3600.0
+    """Give up on a task not finished this long after submission (the service itself fails it after 3 h, §7)."""
+    expected_realtime_factor: Annotated[float, Field(gt=0, le=100)] = 1.5
+    """Initial guess of task run time ÷ audio duration; learnt from finished tasks as the batch goes."""
+
+
+class BatchConfig(_Model):
+    """One batch: inputs, the voice track, video parameters, and how to reach the API and storage."""
+
+    inputs: InputsConfig
+    audio: str | None = None
+    """Default audio for every item (wav/mp3, 1–180 s, < 15 MB): a path relative to the config, or an http(s) URL."""
+    video: VideoParams = VideoParams()
+    api: ApiConfig = ApiConfig()
+    storage: StorageConfig = FileServerStorageConfig()
+    concurrency: ConcurrencyConfig = ConcurrencyConfig()
+    output: OutputConfig = OutputConfig()
+    state: StateConfig = StateConfig()
+    logging: LoggingConfig = LoggingConfig()
+    pricing: PricingConfig = PricingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    base_dir: Path = Path(".")
+    """Folder that relative paths are resolved against (set by `load_config` to the config file's folder)."""
+
+    def resolve(self, p: Path | str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def output_dir(self) -> Path:
+        return self.resolve(self.output.dir)
+
+    @property
+    def state_path(self) -> Path:
+        return self.resolve(self.state.path) if self.state.path else self.output_dir / ".lpengine" / "state.db"
+
+    @property
+    def speedup(self) -> float:
+        """Time compression shared by the embedded emulator and the client's pacing (1 for the real service)."""
+        return self.api.emulator.speedup if self.api.emulator else 1.0
+
+    def scaled(self, seconds: float) -> timedelta:
+        return timedelta(seconds=seconds / self.speedup)
+
+
+class Secrets(BaseModel):
+    """Credentials, read from the environment or `.env`; never from the YAML, never printed."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api_key: SecretStr | None = None
+    oss_access_key_id: SecretStr | None = None
+    oss_access_key_secret: SecretStr | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _environment(config_dir: Path) -> dict[str, str]:
+    """The process environment over `.env` values (cwd, then the config's folder); os.environ is never mutated."""
+    env: dict[str, str] = {}
+    for folder in (config_dir, Path.cwd()):
+        dotenv = folder / ".env"
+        if dotenv.is_file():
+            for key, value in dotenv_values(dotenv).items():
+                if value is not None:
+                    env.setdefault(key, value)
+    env.update(os.environ)
+    return env
+
+
+def load_secrets(config_dir: Path | None = None) -> Secrets:
+    env = _environment(config_dir or Path.cwd())
+
+    def pick(*names: str) -> SecretStr | None:
+        for name in names:
+            if env.get(name):
+                return SecretStr(env[name])
+        return None
+
+    return Secrets(
+        api_key=pick("DASHSCOPE_API_KEY"),
+        oss_access_key_id=pick("OSS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+        oss_access_key_secret=pick("OSS_ACCESS_KEY_SECRET", "AWS_SECRET_ACCESS_KEY"),
+    )
+
+
+def _interpolate(node: Any, env: dict[str, str], path: str, problems: list[str], file: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, f"{path}.{k}" if path else str(k), problems, file) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, f"{path}[{i}]", problems, file) for i, v in enumerate(node)]
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(
+                f"{file}: {path}: environment variable ${{{name}}} is not set; "
+                f"export it, put it in .env, or write ${{{name}:-default}}"
+            )
+            return ""
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that owns the field at `loc`, to list allowed keys for an unknown one."""
+    model: type[BaseModel] | None = BatchConfig
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            # discriminated union tags appear in loc as the tag value
+            candidates: dict[str, type[BaseModel]] = {
+                "fileserver": FileServerStorageConfig,
+                "s3": S3StorageConfig,
+                "dashscope_temp": DashScopeTempStorageConfig,
+                "url": UrlStorageConfig,
+            }
+            model = candidates.get(str(part))
+            continue
+        ann = field.annotation
+        model = None
+        for candidate in getattr(ann, "__args__", (ann,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+    return model
+
+
+def format_validation_error(err: ValidationError, file: str) -> list[str]:
+    """One line per problem: file, dotted field path, what is wrong, what is allowed."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc if p not in ("fileserver", "s3", "dashscope_temp", "url"))
+        dotted = dotted or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            allowed = sorted(k for k in (owner.model_fields if owner else {}) if k != "base_dir")
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            lines.append(f"{file}: {dotted}: unknown key; {hint}allowed keys: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{file}: {dotted}: required field is missing")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"{file}: {dotted}: unknown storage backend; allowed: fileserver, s3, dashscope_temp, url")
+        else:
+            msg = e["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            got = e.get("input")
+            shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
+            lines.append(f"{file}: {dotted}: {msg}{shown}")
+    return lines
+
+
+def load_config(path: Path | str, *, overrides: dict[str, Any] | None = None) -> BatchConfig:
+    """Read, interpolate and validate a batch YAML; raise `ConfigError` listing every problem at once."""
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{file}: file not found; check the path"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{file}: cannot read the file ({exc.__class__.__name__}); check permissions"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{file}: {where}{problem}; fix the YAML syntax"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{file}: the top level must be a mapping of keys (inputs:, audio:, video:, …)"])
+    base_dir = path.resolve().parent
+    problems: list[str] = []
+    data = _interpolate(raw, _environment(base_dir), "", problems, file)
+    if "base_dir" in data:
+        problems.append(f"{file}: base_dir: unknown key; it is set from the config file's location")
+        data.pop("base_dir")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        config = BatchConfig.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, file))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value

@@ -1,0 +1,431 @@
+"""`Engine`: the embeddable entry point. Wires config → emulator? → client → storage → state → orchestrator.
+
+    async with Engine(config) as engine:
+        report = await engine.run()                  # the batch from the config
+        result = await engine.process("a.jpg")       # or one item at a time, from a long-running service
+
+No `asyncio.run`, no signal handlers, no global state: cancelling the caller's task cancels the pipeline, and every
+write already started still reaches the state store (shielded), so the next run resumes where this one stopped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from pydantic import SecretStr
+
+from lpengine.client.api import DashScopeClient
+from lpengine.config import BatchConfig, Secrets, VideoParams, load_secrets
+from lpengine.errors import (
+    AuthError,
+    ConfigError,
+    InputRejectedError,
+    LPEngineError,
+    QuotaError,
+    StorageError,
+)
+from lpengine.logs import BatchLog, Redactor
+from lpengine.models import Item, ItemResult, ItemSpec, ItemState, RunReport, Stage
+from lpengine.orchestrator import Orchestrator
+from lpengine.plan import Namer, PlanProblem, iter_plan
+from lpengine.reports import write_reports
+from lpengine.stages.context import ProgressEvent, StageContext
+from lpengine.stages.upload import load_audio, prepare
+from lpengine.state.lock import BatchLock
+from lpengine.state.store import SqliteStateStore
+from lpengine.storage import open_storage
+from lpengine.storage.base import Storage
+
+__all__ = ["DryRunReport", "Engine"]
+
+_MAX_AUDIO_S = 180.0
+
+
+@dataclass
+class _Batch:
+    """Collects the results of one `run()` without holding an event per item."""
+
+    remaining: int = 0
+    fed_all: bool = False
+    results: list[ItemResult] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def check(self) -> None:
+        if self.fed_all and self.remaining == 0:
+            self.done.set()
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunReport:
+    """What a run would send and roughly cost, from local checks only."""
+
+    items: tuple[ItemResult, ...]
+    would_detect: int
+    would_submit: int
+    video_seconds: float
+    estimated_cost_cny: float
+    already_done: int
+
+
+class Engine:
+    """A batch engine bound to one configuration. Use as an async context manager."""
+
+    def __init__(
+        self,
+        config: BatchConfig,
+        *,
+        api_key: str | SecretStr | None = None,
+        on_event: Callable[[ProgressEvent], None] | None = None,
+        lock: bool = True,
+    ) -> None:
+        self.config = config
+        secrets_ = load_secrets(config.base_dir)
+        if api_key is not None:
+            key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
+            secrets_ = secrets_.model_copy(update={"api_key": key})
+        self._secrets: Secrets = secrets_
+        self._on_event = on_event
+        self._lock = lock
+        self._stack: AsyncExitStack | None = None
+        self._tg: TaskGroup | None = None
+        self._intake: MemoryObjectSendStream[Item] | None = None
+        self._ctx: StageContext | None = None
+        self._pipeline_scope = anyio.CancelScope()
+        self._inflight: dict[int, Item] = {}
+        self._waiters: dict[int, Callable[[Item], None]] = {}
+        self._fatal: LPEngineError | None = None
+        self._namer = Namer()
+        self.emulator_url: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Engine(output={self.config.output_dir})"
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._stack is not None:
+            raise RuntimeError("Engine is already open")
+        stack = AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await self._open(stack)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack = stack
+        return self
+
+    async def _open(self, stack: AsyncExitStack) -> None:
+        config = self.config
+        out = config.output_dir
+        try:
+            await anyio.Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError([f"output.dir: cannot create {out} ({exc.strerror}); choose a writable folder"]) from None
+        if self._lock:
+            stack.enter_context(BatchLock(config.state_path.with_suffix(".lock")))
+        base_url, api_key = config.api.base_url, self._secrets.api_key
+        if config.api.emulator is not None:
+            from lpengine.emulator import EmulatorSettings, run_emulator
+
+            key = SecretStr(f"sk-emulator-{secrets.token_hex(8)}")
+            emu_cfg = config.api.emulator
+            emulator = await stack.enter_async_context(
+                run_emulator(
+                    EmulatorSettings(
+                        api_keys=[key.get_secret_value()],
+                        speedup=emu_cfg.speedup,
+                        realtime_factor=emu_cfg.realtime_factor,
+                        detector=emu_cfg.detector,
+                        video=emu_cfg.video,
+                    )
+                )
+            )
+            base_url, api_key = emulator.base_url, key
+            self.emulator_url = emulator.base_url
+        if api_key is None:
+            raise ConfigError(
+                [
+                    "DASHSCOPE_API_KEY is not set: export it or put it in .env "
+                    "(or run the demo: `python -m lpengine demo`, which needs no key)"
+                ]
+            )
+        redactor = Redactor(
+            [s.get_secret_value() for s in (api_key, self._secrets.oss_access_key_secret) if s is not None]
+        )
+        log = BatchLog(out / f"lpengine-{time.strftime('%Y%m%d-%H%M%S')}.jsonl", redactor)
+        stack.callback(log.close)
+        client = await stack.enter_async_context(
+            DashScopeClient(config.api, api_key, base_url=base_url, speedup=config.speedup)
+        )
+        storage: Storage = await stack.enter_async_context(open_storage(config, client, self._secrets))
+        store = await stack.enter_async_context(SqliteStateStore(config.state_path))
+        self._ctx = StageContext(
+            config=config,
+            client=client,
+            storage=storage,
+            store=store,
+            log=log,
+            on_event=self._on_event,
+            url_lifetime=self._url_lifetime(),
+            window=anyio.Semaphore(config.concurrency.submit_window),
+        )
+        if config.audio is not None:
+            # The shared voice track is checked before anything else: a bad one fails every item.
+            try:
+                await load_audio(self._ctx, str(config.resolve(config.audio)))
+            except InputRejectedError as exc:
+                raise ConfigError([f"audio: {exc.path}: {exc.reason}"]) from None
+        intake_send, intake_recv = anyio.create_memory_object_stream[Item](0)
+        results_send, results_recv = anyio.create_memory_object_stream[Item](config.concurrency.buffer)
+        self._intake = intake_send
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        stack.push_async_exit(tg.__aexit__)
+        self._tg = tg
+        tg.start_soon(self._pipeline, intake_recv, results_send)
+        tg.start_soon(self._collect, results_recv)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._intake is not None:
+            self._intake.close()  # no more items: the pipeline drains and ends
+        if exc is not None:
+            self._pipeline_scope.cancel()
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.__aexit__(exc_type, exc, tb)
+
+    def _url_lifetime(self) -> timedelta:
+        """How long a published URL must stay valid: until the item's task has fetched it.
+
+        An item waits behind at most the buffers, workers and the submission window, each slot holding at most one
+        task's run time (audio ≤ 180 s × the run-time factor), plus the request deadlines. Computed, not guessed.
+        """
+        c = self.config.concurrency
+        slots = c.submit_window + 2 * c.buffer + c.detect + c.submit + 1
+        run = _MAX_AUDIO_S * self.config.limits.expected_realtime_factor * 2
+        service_s = slots * run + 2 * self.config.api.retry.total_timeout_s + 600
+        return timedelta(seconds=service_s / self.config.speedup)
+
+    # -- the pipeline -----------------------------------------------------------------------------------------
+
+    @property
+    def ctx(self) -> StageContext:
+        if self._ctx is None:
+            raise RuntimeError("use `async with Engine(config) as engine:` first")
+        return self._ctx
+
+    async def _pipeline(self, intake: MemoryObjectReceiveStream[Item], results: MemoryObjectSendStream[Item]) -> None:
+        try:
+            with self._pipeline_scope:
+                await Orchestrator(self.ctx).run(intake, results)
+        except* (AuthError, QuotaError) as group:
+            fatal = group.exceptions[0]
+            assert isinstance(fatal, AuthError | QuotaError)
+            self._fatal = fatal
+            self.ctx.log.emit("error", "batch.aborted", code=fatal.code, message=fatal.message)
+        finally:
+            reason = (
+                f"batch stopped: {self._fatal.code}: {self._fatal.message}"
+                if isinstance(self._fatal, AuthError | QuotaError)
+                else "the run stopped before this item finished; a re-run resumes it"
+            )
+            for item in list(self._inflight.values()):
+                item.finish(ItemState.CANCELLED, reason, transient=True)
+                self._complete(item)
+
+    async def _collect(self, results: MemoryObjectReceiveStream[Item]) -> None:
+        async with results:
+            async for item in results:
+                self._complete(item)
+
+    def _complete(self, item: Item) -> None:
+        if self._inflight.pop(id(item), None) is None:
+            return
+        waiter = self._waiters.pop(id(item), None)
+        if waiter is not None:
+            waiter(item)
+
+    async def _feed(self, item: Item, waiter: Callable[[Item], None]) -> None:
+        if self._intake is None or self._fatal is not None or self._pipeline_scope.cancel_called:
+            item.finish(ItemState.CANCELLED, "the engine is stopping; item not started", transient=True)
+            waiter(item)
+            return
+        self._inflight[id(item)] = item
+        self._waiters[id(item)] = waiter
+        try:
+            await self._intake.send(item)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._inflight.pop(id(item), None)
+            self._waiters.pop(id(item), None)
+            item.finish(ItemState.CANCELLED, "the engine is stopping; item not started", transient=True)
+            waiter(item)
+
+    def stop(self) -> None:
+        """Stop taking items and cancel what is in flight (state already committed stays; a re-run resumes)."""
+        self._pipeline_scope.cancel()
+        if self._intake is not None:
+            self._intake.close()
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    async def run(self, *, limit: int | None = None) -> RunReport:
+        """Run the configured batch; returns the report (also written as report.json/.csv in the output folder).
+
+        Raises `AuthError`/`QuotaError` when the account itself refuses work (after writing the report).
+        """
+        ctx = self.ctx
+        started = time.perf_counter()
+        batch = _Batch()
+        pricing = self.config.pricing
+
+        def done(item: Item) -> None:
+            batch.results.append(item.result(pricing.detect_per_image, pricing.video_per_second))
+            batch.remaining -= 1
+            batch.check()
+
+        count = 0
+        async for entry in self._plan():
+            if limit is not None and count >= limit:
+                break
+            count += 1
+            batch.remaining += 1
+            if isinstance(entry, PlanProblem):
+                done(_problem_item(entry, self.config.video))
+                continue
+            await self._feed(Item(spec=entry), done)
+        batch.fed_all = True
+        batch.check()
+        await batch.done.wait()
+        client = ctx.api
+        report = RunReport(
+            items=tuple(batch.results),
+            wall_time_s=time.perf_counter() - started,
+            api_requests={m.name: m.requests for m in client.budget.stats()},
+            throttled=sum(m.throttled for m in client.budget.stats()),
+            retries=client.retries,
+        )
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(write_reports, report, self.config.output_dir)
+            await self._cleanup_storage(report)
+        ctx.log.emit("info", "batch.finished", **report.summary())
+        if self._fatal is not None:
+            raise self._fatal
+        return report
+
+    async def process(
+        self,
+        image: str | Path,
+        *,
+        audio: str | Path | None = None,
+        output_name: str | None = None,
+        params: VideoParams | None = None,
+    ) -> ItemResult:
+        """Run one item through the pipeline and wait for its result (for long-running services)."""
+        ref = str(image)
+        if not ref.startswith(("http://", "https://", "oss://")):
+            ref = str(Path.cwd() / ref)  # relative paths mean the caller's cwd, as everywhere in Python
+        spec = ItemSpec(
+            image=ref,
+            output_name=self._namer.assign(output_name or Path(ref.split("?")[0]).stem),
+            params=params or self.config.video,
+            audio=str(audio) if audio is not None else None,
+            source="process()",
+        )
+        finished = anyio.Event()
+        slot: list[Item] = []
+
+        def done(item: Item) -> None:
+            slot.append(item)
+            finished.set()
+
+        await self._feed(Item(spec=spec), done)
+        await finished.wait()
+        pricing = self.config.pricing
+        if self._fatal is not None:
+            raise self._fatal
+        return slot[0].result(pricing.detect_per_image, pricing.video_per_second)
+
+    async def dry_run(self, *, limit: int | None = None) -> DryRunReport:
+        """Plan and check locally; no paid request. Items already finished in the state store are counted apart."""
+        ctx = self.ctx
+        pricing = self.config.pricing
+        results: list[ItemResult] = []
+        would_detect = would_submit = done = 0
+        seconds = 0.0
+        seen_images: set[str] = set()
+        count = 0
+        async for entry in self._plan():
+            if limit is not None and count >= limit:
+                break
+            count += 1
+            if isinstance(entry, PlanProblem):
+                results.append(_problem_item(entry, self.config.video).result(0, 0))
+                continue
+            item = Item(spec=entry)
+            await prepare(ctx, item)
+            if item.state is ItemState.SUCCEEDED:
+                done += 1
+            elif item.state is None:
+                key = item.image.sha256 if item.image else item.spec.image
+                if key not in seen_images and await ctx.store.detect_verdict(key) is None:
+                    would_detect += 1
+                seen_images.add(key)
+                if item.task_id is None:
+                    would_submit += 1
+                    seconds += item.audio_duration
+            results.append(item.result(0, 0))
+        cost = would_detect * pricing.detect_per_image + seconds * pricing.video_per_second
+        return DryRunReport(tuple(results), would_detect, would_submit, seconds, round(cost, 4), done)
+
+    async def _plan(self) -> AsyncIterator[ItemSpec | PlanProblem]:
+        """The plan, produced in a worker thread in chunks (folder scans and manifests are blocking I/O)."""
+        iterator = iter_plan(self.config)
+
+        def chunk() -> list[ItemSpec | PlanProblem]:
+            out: list[ItemSpec | PlanProblem] = []
+            for entry in iterator:
+                out.append(entry)
+                if len(out) >= 256:
+                    break
+            return out
+
+        while entries := await anyio.to_thread.run_sync(chunk):
+            for entry in entries:
+                yield entry
+
+    async def _cleanup_storage(self, report: RunReport) -> None:
+        policy = getattr(self.config.storage, "cleanup", "never")
+        if policy == "never" or (policy == "on_success" and not report.ok):
+            return
+        keys = await self.ctx.store.created_keys()
+        if not keys:
+            return
+        try:
+            deleted = await self.ctx.storage.cleanup(keys)
+        except StorageError as exc:
+            self.ctx.log.emit("warning", "storage.cleanup_failed", error=str(exc))
+            return
+        await self.ctx.store.forget_created_keys(keys)
+        self.ctx.log.emit("info", "storage.cleaned", deleted=deleted)
+
+
+def _problem_item(problem: PlanProblem, params: VideoParams) -> Item:
+    item = Item(
+        spec=ItemSpec(image=problem.image or problem.source, output_name="", params=params, source=problem.source)
+    )
+    item.stage = Stage.PLAN
+    return item.finish(ItemState.REJECTED_LOCALLY, f"{problem.source}: {problem.message}")

@@ -1,0 +1,100 @@
+"""Structured logs: the per-batch JSONL file the engine writes, and the stderr setup only the CLI applies.
+
+The library never configures global logging (it may live inside someone else's service). Each engine writes its
+own JSONL file through a private structlog logger, and also emits the same events to `structlog.get_logger`, which
+the host application (or `lpengine.cli`) renders as it likes. Every event passes through `redact`, so a secret that
+slipped into a message is masked before it reaches any sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, MutableMapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+_MASK = "***"
+
+
+class Redactor:
+    """A structlog processor that replaces every occurrence of the given secrets in string values."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = [s for s in secrets if s and len(s) >= 6]
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self._secrets:
+                if secret in value:
+                    value = value.replace(secret, _MASK)
+            return value
+        if isinstance(value, dict):
+            return {k: self._clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        return value
+
+    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for key, value in list(event.items()):
+            event[key] = self._clean(value)
+        return event
+
+
+def _timestamp(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    event["ts"] = round(time.time(), 3)
+    return event
+
+
+class BatchLog:
+    """Writes every engine event as one JSON line to `<output>/lpengine-<run>.jsonl` and forwards it to stderr."""
+
+    def __init__(self, path: Path | None, redactor: Redactor) -> None:
+        self.path = path
+        self._file: TextIO | None = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: a kill loses no line
+        self._file_logger = structlog.wrap_logger(
+            structlog.PrintLogger(self._file) if self._file else structlog.ReturnLogger(),
+            processors=[
+                redactor,
+                _timestamp,
+                structlog.processors.add_log_level,
+                structlog.processors.JSONRenderer(ensure_ascii=False),
+            ],
+        )
+        self._redactor = redactor
+        self._forward = structlog.get_logger("lpengine")
+
+    def emit(self, level: str, event: str, **fields: Any) -> None:
+        getattr(self._file_logger, level)(event, **fields)
+        clean = self._redactor(None, level, dict(fields))
+        getattr(self._forward, level)(event, **clean)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def configure(*, fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
+    """stderr rendering for the CLI: human console lines or JSON lines. The library never calls this."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer(ensure_ascii=False)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )

@@ -1,0 +1,199 @@
+"""What flows through the pipeline and what comes out of it.
+
+`Item` is the mutable work record a stage hands to the next; `ItemResult` and `RunReport` are the frozen public
+outcome. The set of terminal states is closed: every item ends in exactly one of `ItemState`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lpengine.config import VideoParams
+from lpengine.storage.base import LocalFile, Published
+
+
+class ItemState(enum.StrEnum):
+    """The closed set of terminal states (docs/library.md lists what each means and what to do)."""
+
+    SUCCEEDED = "succeeded"
+    """The MP4 is on disk, verified."""
+    REJECTED_LOCALLY = "rejected_locally"
+    """A local check refused the image or audio; nothing was paid."""
+    UPLOAD_FAILED = "upload_failed"
+    """The file could not be published where the service can fetch it."""
+    DETECT_FAILED = "detect_failed"
+    """`liveportrait-detect` said no (its message is kept), or refused the image."""
+    SUBMIT_FAILED = "submit_failed"
+    """The service refused the task, or retries ran out before a task id came back."""
+    TASK_FAILED = "task_failed"
+    """The task ended FAILED (code and message kept), CANCELED, or UNKNOWN too often."""
+    DOWNLOAD_FAILED = "download_failed"
+    """The video could not be fetched or verified (expired URL, truncated or corrupt body)."""
+    TIMED_OUT = "timed_out"
+    """The task did not finish within `limits.task_timeout_s`."""
+    CANCELLED = "cancelled"
+    """The run stopped (signal, caller cancelled, fatal account error) before the item finished."""
+
+
+class Stage(enum.StrEnum):
+    PLAN = "plan"
+    UPLOAD = "upload"
+    DETECT = "detect"
+    SUBMIT = "submit"
+    POLL = "poll"
+    DOWNLOAD = "download"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpec:
+    """One row of the plan: what to make, before anything is checked."""
+
+    image: str
+    """Local path (absolute) or an http(s) URL."""
+    output_name: str
+    """Safe file stem in the output folder (unique within the batch)."""
+    params: VideoParams
+    audio: str | None = None
+    """Overrides the batch's default audio (path or URL)."""
+    source: str = ""
+    """Where the row came from (manifest line, file path) for messages."""
+
+
+@dataclass(slots=True)
+class Item:
+    """The work record of one item while it is in the pipeline."""
+
+    spec: ItemSpec
+    item_id: str = ""
+    image: LocalFile | None = None
+    audio: LocalFile | None = None
+    audio_duration: float = 0.0
+    image_urls: dict[str, Published] = field(default_factory=dict)
+    audio_urls: dict[str, Published] = field(default_factory=dict)
+    detect_message: str | None = None
+    task_id: str | None = None
+    submit_attempts: int = 0
+    submit_inflight_wall: float | None = None
+    """Set (and committed) just before a submit is sent, cleared when its outcome is known: a crash in between
+    leaves it set, and the next run reconciles through the task list instead of paying again."""
+    submitted_wall: float | None = None
+    cancelled_by_us: bool = False
+    task_code: str | None = None
+    task_message: str | None = None
+    video_url: str | None = None
+    video_duration: float | None = None
+    output_path: str | None = None
+    output_size: int | None = None
+    state: ItemState | None = None
+    reason: str = ""
+    stage: Stage = Stage.PLAN
+    timings: dict[str, float] = field(default_factory=dict)
+    detect_paid: bool = False
+    transient: bool = False
+    resumed: bool = False
+
+    def finish(self, state: ItemState, reason: str = "", *, transient: bool = False) -> Item:
+        """End the item. `transient` outcomes (network trouble, retryable task codes) are retried by a re-run;
+        the others are final, because repeating them would cost money for the same answer."""
+        self.state = state
+        self.reason = reason
+        self.transient = transient
+        return self
+
+    def cost(self, detect_price: float, video_price: float) -> float:
+        video = (self.video_duration or 0.0) * video_price if self.state is ItemState.SUCCEEDED else 0.0
+        return (detect_price if self.detect_paid else 0.0) + video
+
+    def result(self, detect_price: float, video_price: float) -> ItemResult:
+        return ItemResult(
+            input=self.spec.image,
+            output=self.output_path,
+            state=self.state or ItemState.CANCELLED,
+            reason=self.reason,
+            detect_message=self.detect_message,
+            task_id=self.task_id,
+            task_code=self.task_code,
+            video_duration=self.video_duration,
+            submit_attempts=self.submit_attempts,
+            timings={k: round(v, 4) for k, v in self.timings.items()},
+            cost_cny=round(self.cost(detect_price, video_price), 6),
+            resumed=self.resumed,
+        )
+
+
+def item_identity(output_name: str, image_sha: str, audio_sha: str, params: VideoParams) -> str:
+    """Content identity: an edited image, another voice track or other parameters make a new item."""
+    blob = json.dumps([output_name, image_sha, audio_sha, params.model_dump()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """One row of the report."""
+
+    input: str
+    output: str | None
+    state: ItemState
+    reason: str
+    detect_message: str | None
+    task_id: str | None
+    task_code: str | None
+    video_duration: float | None
+    submit_attempts: int
+    timings: dict[str, float]
+    cost_cny: float
+    resumed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """The outcome of one run; `raise_for_failures()` for callers that want an exception."""
+
+    items: tuple[ItemResult, ...]
+    wall_time_s: float
+    dry_run: bool = False
+    api_requests: dict[str, int] = field(default_factory=dict)
+    throttled: int = 0
+    retries: int = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counter = Counter(r.state.value for r in self.items)
+        return {state.value: counter.get(state.value, 0) for state in ItemState if counter.get(state.value)}
+
+    @property
+    def cost_cny(self) -> float:
+        return round(sum(r.cost_cny for r in self.items), 6)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.state is ItemState.SUCCEEDED for r in self.items)
+
+    def raise_for_failures(self) -> None:
+        from lpengine.errors import BatchFailedError
+
+        failed = [r for r in self.items if r.state is not ItemState.SUCCEEDED]
+        if failed:
+            raise BatchFailedError(failed)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "items": len(self.items),
+            "counts": self.counts,
+            "cost_cny": self.cost_cny,
+            "wall_time_s": round(self.wall_time_s, 3),
+            "dry_run": self.dry_run,
+            "api_requests": self.api_requests,
+            "throttled": self.throttled,
+            "retries": self.retries,
+        }

@@ -1,0 +1,166 @@
+"""The one place that owns concurrency: a task group of stage workers joined by bounded memory streams.
+
+    intake ─▶ upload×N ─▶ detect×N ─▶ submit×N ─▶ PollScheduler ◀─ poll×N ─▶ download×N ─▶ results
+                 │            │           │                           │            │
+                 └────────────┴───────────┴───── finished items ──────┴────────────┴──────▶ results
+
+Each stream holds at most `concurrency.buffer` items, so a slow stage pushes back on the ones before it instead of
+queueing the batch in memory. The submission window is a semaphore taken before a submit and given back when the
+task leaves the scheduler: it bounds the tasks outstanding at the service. Items flow one by one, so the first
+video can be on disk before the last image is uploaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from lpengine.errors import AuthError, QuotaError
+from lpengine.models import Item, ItemState, Stage
+from lpengine.stages import PollScheduler, detect, download, poll_once, prepare, submit, upload
+from lpengine.stages.context import StageContext
+
+Step = Callable[[StageContext, Item], Awaitable[None]]
+
+# The state an unexpected error in a stage ends the item with (transient: a re-run tries again).
+_STAGE_FAILURE = {
+    Stage.PLAN: ItemState.REJECTED_LOCALLY,
+    Stage.UPLOAD: ItemState.UPLOAD_FAILED,
+    Stage.DETECT: ItemState.DETECT_FAILED,
+    Stage.SUBMIT: ItemState.SUBMIT_FAILED,
+    Stage.POLL: ItemState.TASK_FAILED,
+    Stage.DOWNLOAD: ItemState.DOWNLOAD_FAILED,
+}
+
+
+class _SchedulerSink:
+    """Lets submit workers hand items to the poll scheduler as if it were the next stream."""
+
+    def __init__(self, scheduler: PollScheduler) -> None:
+        self._scheduler = scheduler
+        self._producer = scheduler.producer()
+
+    async def send(self, item: Item) -> None:
+        self._scheduler.add(item, resumed=item.resumed and item.submitted_wall is not None)
+
+    async def __aenter__(self) -> _SchedulerSink:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._producer.__aexit__(exc_type, exc, tb)
+
+
+class Orchestrator:
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.scheduler = PollScheduler(speedup=ctx.speedup, ratio=ctx.config.limits.expected_realtime_factor)
+
+    async def run(self, intake: MemoryObjectReceiveStream[Item], results: MemoryObjectSendStream[Item]) -> None:
+        """Run every stage until the intake is closed and drained. Fatal account errors propagate."""
+        c = self.ctx.config.concurrency
+        to_detect, from_upload = anyio.create_memory_object_stream[Item](c.buffer)
+        to_submit, from_detect = anyio.create_memory_object_stream[Item](c.buffer)
+        to_download, from_poll = anyio.create_memory_object_stream[Item](c.buffer)
+        async with anyio.create_task_group() as tg:
+            for _ in range(c.upload):
+                tg.start_soon(self._stage, (prepare, upload), intake.clone(), to_detect.clone(), results.clone())
+            for _ in range(c.detect):
+                tg.start_soon(self._stage, (detect,), from_upload.clone(), to_submit.clone(), results.clone())
+            for _ in range(c.submit):
+                tg.start_soon(self._submit_worker, from_detect.clone(), _SchedulerSink(self.scheduler), results.clone())
+            for _ in range(c.poll):
+                tg.start_soon(self._poll_worker, to_download.clone(), results.clone())
+            for _ in range(c.download):
+                tg.start_soon(self._stage, (download,), from_poll.clone(), None, results.clone())
+            # Workers hold clones; closing the originals lets each stream end when its last producer is done.
+            for stream in (
+                intake,
+                results,
+                to_detect,
+                from_upload,
+                to_submit,
+                from_detect,
+                to_download,
+                from_poll,
+            ):
+                stream.close()
+
+    async def _run_step(self, step: Step, item: Item) -> None:
+        try:
+            await step(self.ctx, item)
+        except (AuthError, QuotaError):
+            raise
+        except Exception as exc:  # a bug or an unforeseen fault must not sink the other items of the batch
+            self.ctx.emit(item, "stage.internal_error", level="error", error=repr(exc), exc_info=True)
+            item.finish(_STAGE_FAILURE[item.stage], f"internal error: {exc.__class__.__name__}: {exc}", transient=True)
+
+    async def _finish(self, item: Item, results: MemoryObjectSendStream[Item]) -> None:
+        if item.item_id:
+            await self.ctx.save(item)
+        level = "info" if item.state is ItemState.SUCCEEDED else "warning"
+        self.ctx.emit(item, "item.finished", level=level, state=item.state, reason=item.reason)
+        await results.send(item)
+
+    async def _stage(
+        self,
+        steps: tuple[Step, ...],
+        inbox: MemoryObjectReceiveStream[Item],
+        outbox: MemoryObjectSendStream[Item] | None,
+        results: MemoryObjectSendStream[Item],
+    ) -> None:
+        async with inbox, results:
+            try:
+                async for item in inbox:
+                    for step in steps:
+                        await self._run_step(step, item)
+                        if item.state is not None:
+                            break
+                    if item.state is not None or outbox is None:
+                        await self._finish(item, results)
+                    else:
+                        self.ctx.emit(item, "stage.done", level="debug")
+                        await outbox.send(item)
+            finally:
+                if outbox is not None:
+                    outbox.close()
+
+    async def _submit_worker(
+        self,
+        inbox: MemoryObjectReceiveStream[Item],
+        sink: _SchedulerSink,
+        results: MemoryObjectSendStream[Item],
+    ) -> None:
+        async with inbox, sink, results:
+            async for item in inbox:
+                await self.ctx.window.acquire()
+                await self._run_step(submit, item)
+                if item.state is not None:
+                    self.ctx.window.release()
+                    await self._finish(item, results)
+                else:
+                    await sink.send(item)
+
+    async def _poll_worker(self, outbox: MemoryObjectSendStream[Item], results: MemoryObjectSendStream[Item]) -> None:
+        async with outbox, results:
+            while (tracked := await self.scheduler.next_due()) is not None:
+                item = tracked.item
+                try:
+                    left = await poll_once(self.ctx, self.scheduler, tracked)
+                except (AuthError, QuotaError):
+                    raise
+                except Exception as exc:
+                    self.scheduler.release(tracked)
+                    self.ctx.emit(item, "stage.internal_error", level="error", error=repr(exc), exc_info=True)
+                    left = item.finish(ItemState.TASK_FAILED, f"internal error: {exc!r}", transient=True)
+                if left is None:
+                    continue
+                self.ctx.window.release()
+                if left.state is not None:
+                    await self._finish(left, results)
+                else:
+                    await outbox.send(left)

@@ -1,0 +1,205 @@
+"""Enumerate a batch's inputs into item specs, streaming, with safe and stable output names.
+
+Manifests are read line by line so a 100k-row batch never sits in memory. A broken row becomes a `PlanProblem`
+(one message naming the file, line and field) and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import re
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from lpengine.config import BatchConfig, VideoOverrides
+from lpengine.models import ItemSpec
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".heic", ".heif", ".tif", ".tiff"}
+"""Files a folder scan picks up. Unsupported formats among them are listed (and rejected) rather than ignored,
+so a user sees why their GIF made no video."""
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
+_MAX_NAME = 120
+
+
+@dataclass(frozen=True, slots=True)
+class PlanProblem:
+    """An input row that cannot become an item; reported as `rejected_locally`."""
+
+    source: str
+    image: str
+    message: str
+
+
+def safe_stem(name: str) -> str:
+    """A file stem that cannot escape the output folder or collide with special names.
+
+    Keeps letters of any script (Chinese names stay readable); replaces separators and control characters; strips
+    leading dots (no hidden files, no `..`); caps the length.
+    """
+    stem = unicodedata.normalize("NFC", name)
+    stem = _UNSAFE.sub("_", stem).strip().strip(".").strip()
+    stem = re.sub(r"\s+", " ", stem)
+    if not stem or set(stem) <= {"_", " ", "."}:
+        stem = "item"
+    if stem.lower() in _RESERVED:
+        stem = f"{stem}_"
+    return stem[:_MAX_NAME]
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://", "oss://"))
+
+
+class Namer:
+    """Assigns unique output names in enumeration order: `a.jpg` → `a`, then `a.png` → `a_png`, then `a_png_2`."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def assign(self, wanted: str, suffix: str = "") -> str:
+        base = safe_stem(wanted)
+        candidates = [base]
+        if suffix:
+            candidates.append(safe_stem(f"{base}_{suffix.lstrip('.')}"))
+        for name in candidates:
+            if name.casefold() not in self._taken:
+                self._taken.add(name.casefold())
+                return name
+        n = 2
+        while f"{candidates[-1]}_{n}".casefold() in self._taken:
+            n += 1
+        name = f"{candidates[-1]}_{n}"
+        self._taken.add(name.casefold())
+        return name
+
+
+def _scan(config: BatchConfig, pattern: str) -> list[Path]:
+    root = config.resolve(pattern)
+    if root.is_dir():
+        files = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES or p.is_symlink()]
+    else:
+        files = [Path(p) for p in glob.glob(str(root), recursive=True)]
+        files = [p for p in files if not p.is_dir()]
+    return sorted(files, key=lambda p: str(p))
+
+
+def iter_plan(config: BatchConfig) -> Iterator[ItemSpec | PlanProblem]:
+    """Every input of the batch, in a stable order, as a spec or a problem."""
+    namer = Namer()
+    if config.inputs.images is not None:
+        root = config.resolve(config.inputs.images)
+        folder = root if root.is_dir() else None
+        for path in _scan(config, config.inputs.images):
+            if folder is not None and path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(folder.resolve()):
+                    yield PlanProblem(
+                        str(path),
+                        str(path),
+                        "is a symlink pointing outside the input folder; copy the file in",
+                    )
+                    continue
+            yield ItemSpec(
+                image=str(path.absolute()),
+                output_name=namer.assign(path.stem, path.suffix),
+                params=config.video,
+                source=str(path),
+            )
+        return
+    assert config.inputs.manifest is not None
+    yield from _iter_manifest(config, config.resolve(config.inputs.manifest), namer)
+
+
+_MANIFEST_KEYS = {"image", "audio", "output", *VideoOverrides.model_fields}
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(line number, row) pairs; a row that cannot be parsed is returned as an error string."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        if path.suffix.lower() in {".jsonl", ".ndjson", ".json"}:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield lineno, f"invalid JSON ({exc.msg})"
+                    continue
+                yield lineno, row if isinstance(row, dict) else "each line must be a JSON object"
+        else:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                if None in row:
+                    yield reader.line_num, "more values than header columns"
+                    continue
+                yield reader.line_num, {k.strip(): v for k, v in row.items() if k and v not in (None, "")}
+
+
+def _iter_manifest(config: BatchConfig, path: Path, namer: Namer) -> Iterator[ItemSpec | PlanProblem]:
+    if not path.is_file():
+        yield PlanProblem(str(path), str(path), "manifest file not found; check inputs.manifest")
+        return
+    seen: dict[tuple[str, str, str], int] = {}
+    for lineno, row in _rows(path):
+        source = f"{path.name}:{lineno}"
+        if isinstance(row, str):
+            yield PlanProblem(source, "", f"{row}; fix this line")
+            continue
+        unknown = sorted(set(row) - _MANIFEST_KEYS)
+        if unknown:
+            yield PlanProblem(
+                source,
+                str(row.get("image", "")),
+                f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_MANIFEST_KEYS))}",
+            )
+            continue
+        image = str(row.get("image") or "").strip()
+        if not image:
+            yield PlanProblem(source, "", "missing `image` column or value; every row needs an image path or URL")
+            continue
+        try:
+            overrides = VideoOverrides.model_validate(
+                {k: v for k, v in row.items() if k in VideoOverrides.model_fields}
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            yield PlanProblem(source, image, f"{problems}; fix the value in the manifest")
+            continue
+        image_ref = image if _is_url(image) else str(config.resolve(Path(path.parent, image)))
+        audio = row.get("audio")
+        audio_ref = None
+        if audio:
+            audio_ref = str(audio) if _is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
+        key = (
+            image_ref,
+            audio_ref or "",
+            json.dumps(overrides.model_dump(exclude_none=True), sort_keys=True),
+        )
+        if key in seen:
+            yield PlanProblem(source, image, f"duplicate of line {seen[key]}; remove one of them")
+            continue
+        seen[key] = lineno
+        wanted = str(row.get("output") or Path(image.split("?")[0]).stem)
+        yield ItemSpec(
+            image=image_ref,
+            output_name=namer.assign(Path(wanted).stem if row.get("output") else wanted, Path(image).suffix),
+            params=overrides.apply(config.video),
+            audio=audio_ref,
+            source=source,
+        )

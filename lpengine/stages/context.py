@@ -1,0 +1,138 @@
+"""What every stage needs, passed explicitly (no globals): config, client, storage, state, log, pricing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import anyio
+
+from lpengine.client.api import DashScopeClient
+from lpengine.config import BatchConfig
+from lpengine.logs import BatchLog
+from lpengine.models import Item, ItemState, Stage
+from lpengine.state.store import SqliteStateStore
+from lpengine.storage.base import LocalFile, Storage
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """Emitted to `Engine(on_event=...)` at every stage transition and terminal state."""
+
+    item: str
+    stage: Stage
+    state: ItemState | None
+    reason: str = ""
+    task_id: str | None = None
+    cost_cny: float = 0.0
+
+
+@dataclass(slots=True)
+class AudioTrack:
+    file: LocalFile | None
+    url: str | None
+    duration_s: float
+
+
+@dataclass
+class StageContext:
+    config: BatchConfig
+    client: DashScopeClient | None
+    storage: Storage
+    store: SqliteStateStore
+    log: BatchLog
+    on_event: Callable[[ProgressEvent], None] | None = None
+    url_lifetime: timedelta = timedelta(hours=2)
+    window: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(4))
+    audio: dict[str, AudioTrack] = field(default_factory=dict)
+    publish_locks: dict[tuple[str, str], anyio.Lock] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        return self.config.speedup
+
+    @property
+    def api(self) -> DashScopeClient:
+        if self.client is None:
+            raise RuntimeError("a paid stage ran in dry-run mode")
+        return self.client
+
+    def service_seconds(self, local_seconds: float) -> float:
+        return local_seconds * self.speedup
+
+    def local_seconds(self, service_seconds: float) -> float:
+        return service_seconds / self.speedup
+
+    async def save(self, item: Item, **extra: Any) -> None:
+        """Commit the item's progress (write-ahead: call before each paid step and after each result)."""
+        await self.store.put(
+            item.item_id,
+            item.spec.output_name,
+            item.image.sha256 if item.image else None,
+            dump_item(item, **extra),
+        )
+
+    def emit(self, item: Item, event: str, level: str = "info", **fields: Any) -> None:
+        self.log.emit(
+            level,
+            event,
+            item=item.spec.output_name,
+            stage=item.stage.value,
+            task_id=item.task_id,
+            **fields,
+        )
+        if self.on_event is not None:
+            pricing = self.config.pricing
+            self.on_event(
+                ProgressEvent(
+                    item=item.spec.output_name,
+                    stage=item.stage,
+                    state=item.state,
+                    reason=item.reason,
+                    task_id=item.task_id,
+                    cost_cny=item.cost(pricing.detect_per_image, pricing.video_per_second),
+                )
+            )
+
+
+_PERSISTED = (
+    "detect_message",
+    "detect_paid",
+    "task_id",
+    "submit_attempts",
+    "submit_inflight_wall",
+    "submitted_wall",
+    "cancelled_by_us",
+    "task_code",
+    "task_message",
+    "video_url",
+    "video_duration",
+    "output_path",
+    "output_size",
+    "reason",
+    "timings",
+    "audio_duration",
+    "transient",
+)
+
+
+def dump_item(item: Item, **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {name: getattr(item, name) for name in _PERSISTED}
+    data["state"] = item.state.value if item.state else None
+    data["stage"] = item.stage.value
+    data["input"] = item.spec.image
+    data["updated_wall"] = time.time()
+    data.update(extra)
+    return data
+
+
+def restore_item(item: Item, data: dict[str, Any]) -> None:
+    for name in _PERSISTED:
+        if name in data and data[name] is not None:
+            setattr(item, name, data[name])
+    if data.get("state"):
+        item.state = ItemState(data["state"])
+    item.stage = Stage(data.get("stage", "plan"))

@@ -1,0 +1,110 @@
+"""Stage 5: fetch the MP4 before its URL expires (24 h after the task ends, §4) and never leave a partial file.
+
+The body streams into a hidden `.part` file in the output folder (same filesystem, so the final rename is atomic),
+is checked (HTTP status, Content-Length, MP4 box structure), and only then renamed to `<name>.mp4`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+import aiofiles
+import aiohttp
+import anyio
+import stamina
+
+from lpengine.errors import LPEngineError, NetworkError
+from lpengine.media import MediaError, verify_mp4
+from lpengine.models import Item, ItemState, Stage
+from lpengine.stages.context import StageContext
+
+_CHUNK = 256 * 1024
+
+
+class _Expired(LPEngineError):
+    """The signed result URL is past its validity: no retry will help."""
+
+
+class _BadBody(LPEngineError):
+    """Truncated or corrupt body: a new attempt may get it whole."""
+
+    retryable = True
+
+
+def _target(ctx: StageContext, item: Item) -> Path:
+    out = ctx.config.output_dir
+    path = out / f"{item.spec.output_name}.mp4"
+    if path.exists() and not ctx.config.output.overwrite and str(path) != item.output_path:
+        # Not ours: keep the user's file and the paid video both.
+        path = out / f"{item.spec.output_name}-{(item.task_id or secrets.token_hex(4))[:8]}.mp4"
+    return path
+
+
+async def download(ctx: StageContext, item: Item) -> None:
+    item.stage = Stage.DOWNLOAD
+    started = time.perf_counter()
+    if item.video_url is None:
+        item.finish(ItemState.DOWNLOAD_FAILED, "the task succeeded without a video URL", transient=True)
+        return
+    target = _target(ctx, item)
+    retry = ctx.config.api.retry
+    try:
+        async for attempt in stamina.retry_context(
+            on=lambda exc: isinstance(exc, NetworkError | _BadBody),
+            attempts=retry.attempts,
+            timeout=retry.total_timeout_s + ctx.config.api.download_timeout_s,
+            wait_initial=retry.initial_wait_s,
+            wait_max=retry.max_wait_s,
+            wait_jitter=retry.initial_wait_s,
+        ):
+            with attempt:
+                size = await _fetch(ctx, item.video_url, target)
+    except _Expired:
+        item.finish(
+            ItemState.DOWNLOAD_FAILED,
+            "result URL expired (valid 24 h after the task ends); a re-run submits the item again",
+            transient=True,
+        )
+        return
+    except (NetworkError, _BadBody) as exc:
+        item.finish(ItemState.DOWNLOAD_FAILED, f"download failed after retries: {exc}", transient=True)
+        return
+    item.output_path = str(target)
+    item.output_size = size
+    item.timings["download"] = time.perf_counter() - started
+    item.finish(ItemState.SUCCEEDED)
+
+
+async def _fetch(ctx: StageContext, url: str, target: Path) -> int:
+    part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
+    await anyio.Path(target.parent).mkdir(parents=True, exist_ok=True)
+    timeout = aiohttp.ClientTimeout(total=ctx.config.api.download_timeout_s)
+    try:
+        # No Authorization header here: the result host is OSS, not the API, and must never see the key.
+        async with ctx.api.session.get(url, timeout=timeout) as resp:
+            if resp.status in (403, 404, 410):
+                raise _Expired(f"HTTP {resp.status}")
+            if resp.status != 200:
+                raise NetworkError(f"result download answered HTTP {resp.status}")
+            expected = resp.content_length
+            written = 0
+            async with aiofiles.open(part, "wb") as fh:
+                async for chunk in resp.content.iter_chunked(_CHUNK):
+                    await fh.write(chunk)
+                    written += len(chunk)
+        if expected is not None and written != expected:
+            raise _BadBody(f"got {written} of {expected} bytes")
+        try:
+            await anyio.to_thread.run_sync(lambda: verify_mp4(part, expected_size=expected))
+        except MediaError as exc:
+            raise _BadBody(f"not a valid MP4 ({exc.reason})") from None
+        os.replace(part, target)
+        return written
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise NetworkError(f"result download: {exc.__class__.__name__}") from None
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.Path(part).unlink(missing_ok=True)

@@ -1,0 +1,345 @@
+"""Stage 4: one scheduler decides when each outstanding task is worth a query (§4).
+
+The account runs one task at a time, first in, first out (§7), so the finish time of every outstanding task can be
+predicted: the running one ends at its `scheduled_time` + run time, each queued one a run time after its
+predecessor. Run time = learnt ratio × audio duration (the ratio is learnt from finished tasks as the batch goes).
+A task is queried once, shortly after its predicted end; a task still queued is looked at only when the chain says
+it should be done (or after `max_interval` at the latest). Late discovery costs no throughput: the submission
+window keeps the next tasks queued at the service, so the runner never waits for us.
+
+Service timestamps are mapped to the local clock through a calibrated offset (`submit_time` of each task against
+the local time its submit was sent), so the prediction also works with the emulator's compressed time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+
+import anyio
+
+from lpengine.client.wire import TaskInfo, TaskStatus
+from lpengine.errors import AuthError, LPEngineError, QuotaError
+from lpengine.models import Item, ItemState, Stage
+from lpengine.stages.context import StageContext
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _seconds(moment: datetime) -> float:
+    return (moment - _EPOCH).total_seconds()
+
+
+@dataclass(slots=True)
+class Tracked:
+    item: Item
+    seq: int
+    submitted_local: float
+    audio_s: float
+    status: TaskStatus = TaskStatus.PENDING
+    started_service: float | None = None
+    polls: int = 0
+    last_poll_local: float = 0.0
+    version: int = 0
+    in_hand: bool = False
+    poll_now: bool = False
+    """Resumed from an earlier run: its real submit time is unknown, so look at it at once."""
+    predicted_end_local: float = 0.0
+
+
+@dataclass
+class PollStats:
+    queries: int = 0
+    tasks_done: int = 0
+    ratio: float = 0.0
+
+
+@dataclass
+class PollScheduler:
+    """Holds the outstanding tasks; poll workers ask it which task to query next and report back."""
+
+    speedup: float
+    ratio: float
+    """Initial guess of run time ÷ audio duration (service seconds per audio second)."""
+    min_interval_s: float = 2.0
+    """Service seconds between two queries of one task, at least."""
+    max_interval_s: float = 600.0
+    """Service seconds between two queries of one task, at most (foreign tasks may occupy the account)."""
+    _tasks: dict[int, Tracked] = field(default_factory=dict)
+    _heap: list[tuple[float, int, int]] = field(default_factory=list)
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _changed: anyio.Event = field(default_factory=anyio.Event)
+    _producers: int = 0
+    _closed: bool = False
+    _in_hand: int = 0
+    _offsets: list[float] = field(default_factory=list)
+    _runner_free_local: float = 0.0
+    _ratios: list[float] = field(default_factory=list)
+    stats: PollStats = field(default_factory=PollStats)
+
+    # -- producer side ----------------------------------------------------------------------------------------
+
+    def producer(self) -> _Producer:
+        """Each submit worker holds one; when the last one exits, no new task will come."""
+        self._producers += 1
+        return _Producer(self)
+
+    def _producer_done(self) -> None:
+        self._producers -= 1
+        if self._producers == 0:
+            self._closed = True
+            self._wake()
+
+    def add(self, item: Item, *, resumed: bool = False) -> None:
+        now = anyio.current_time()
+        tracked = Tracked(
+            item=item,
+            seq=next(self._seq),
+            submitted_local=now,
+            audio_s=item.audio_duration or 10.0,
+            poll_now=resumed,
+        )
+        self._tasks[tracked.seq] = tracked
+        self._replan(now)
+
+    # -- consumer side ----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _push(self, t: Tracked, due: float) -> None:
+        t.version += 1
+        heapq.heappush(self._heap, (due, t.seq, t.version))
+        if len(self._heap) > 4 * len(self._tasks) + 64:  # drop superseded entries now and then
+            self._heap = [e for e in self._heap if not self._stale(e)]
+            heapq.heapify(self._heap)
+
+    async def next_due(self) -> Tracked | None:
+        """The next task to query, when its time comes; None once the batch has no task left to watch."""
+        while True:
+            while self._heap and self._stale(self._heap[0]):
+                heapq.heappop(self._heap)
+            if not self._heap:
+                if self._closed and not self._tasks and self._in_hand == 0:
+                    self._wake()
+                    return None
+                changed = self._changed
+                await changed.wait()
+                continue
+            due, seq, _ = self._heap[0]
+            delay = due - anyio.current_time()
+            if delay > 0:
+                changed = self._changed
+                with anyio.move_on_after(delay):
+                    await changed.wait()
+                continue
+            heapq.heappop(self._heap)
+            tracked = self._tasks[seq]
+            tracked.version += 1
+            tracked.in_hand = True  # no other worker takes it, no replan reschedules it until it reports
+            self._in_hand += 1
+            return tracked
+
+    def _stale(self, entry: tuple[float, int, int]) -> bool:
+        _, seq, version = entry
+        t = self._tasks.get(seq)
+        return t is None or t.version != version
+
+    def report(self, t: Tracked, info: TaskInfo) -> bool:
+        """Record a query's answer. True when the task is terminal (the caller takes the item away)."""
+        now = anyio.current_time()
+        self._hand_back(t)
+        self.stats.queries += 1
+        t.polls += 1
+        t.last_poll_local = now
+        t.status = info.status
+        if info.submit_time is not None and not t.poll_now:  # a resumed task's local submit time is unknown
+            self._offsets.append(_seconds(info.submit_time) - self.speedup * t.submitted_local)
+            del self._offsets[:-50]
+        if info.scheduled_time is not None:
+            t.started_service = _seconds(info.scheduled_time)
+        if info.status.terminal:
+            self._finished(t, info, now)
+            return True
+        self._replan(now)
+        return False
+
+    def report_error(self, t: Tracked) -> None:
+        """The query itself failed (retries exhausted): look again later instead of dropping the task."""
+        self._hand_back(t)
+        now = anyio.current_time()
+        t.last_poll_local = now
+        self._push(t, now + self.min_interval_s * 5 / self.speedup)
+        self._wake()
+
+    def discard(self, t: Tracked) -> None:
+        self._tasks.pop(t.seq, None)
+        self._wake()
+
+    def release(self, t: Tracked) -> None:
+        """A worker gives up a task it took (timed out, or the item left the pipeline)."""
+        self._hand_back(t)
+        self.discard(t)
+
+    def _hand_back(self, t: Tracked) -> None:
+        if t.in_hand:
+            t.in_hand = False
+            self._in_hand -= 1
+
+    def _finished(self, t: Tracked, info: TaskInfo, now: float) -> None:
+        self._tasks.pop(t.seq, None)
+        self.stats.tasks_done += 1
+        if info.end_time is not None:
+            end_local = self._to_local(_seconds(info.end_time))
+            if end_local is not None:
+                self._runner_free_local = max(self._runner_free_local, min(end_local, now))
+            if info.scheduled_time is not None and t.audio_s > 0 and info.status is TaskStatus.SUCCEEDED:
+                run = _seconds(info.end_time) - _seconds(info.scheduled_time)
+                if run >= 0:
+                    self._ratios.append(run / t.audio_s)
+                    del self._ratios[:-20]
+                    self.ratio = statistics.median(self._ratios)
+                    self.stats.ratio = self.ratio
+        self._replan(now)
+
+    # -- prediction -------------------------------------------------------------------------------------------
+
+    def _to_local(self, service_seconds: float) -> float | None:
+        if not self._offsets:
+            return None
+        return (service_seconds - statistics.median(self._offsets)) / self.speedup
+
+    def _replan(self, now: float) -> None:
+        """Chain predicted ends through the FIFO queue and reschedule every task not in a worker's hands."""
+        free = max(self._runner_free_local, 0.0)
+        for t in sorted(self._tasks.values(), key=lambda x: x.seq):
+            run_local = self.ratio * t.audio_s / self.speedup
+            start = max(free, t.submitted_local)
+            if t.started_service is not None:
+                started = self._to_local(t.started_service)
+                if started is not None:
+                    start = started
+            end = start + run_local
+            t.predicted_end_local = end
+            free = end
+            if t.in_hand:
+                continue
+            margin = max(self.min_interval_s / self.speedup, 0.04 * run_local)
+            due = end + margin
+            if t.polls:
+                if t.status is TaskStatus.RUNNING and due <= now:
+                    # ran longer than predicted: step in fractions of its run time, not in fixed ticks
+                    due = now + max(self.min_interval_s / self.speedup, 0.15 * run_local)
+                due = max(due, t.last_poll_local + self.min_interval_s / self.speedup)
+                due = min(due, t.last_poll_local + self.max_interval_s / self.speedup)
+            elif t.poll_now:
+                due = now
+            else:
+                due = min(due, t.submitted_local + self.max_interval_s / self.speedup)
+            if not math.isfinite(due):
+                due = now
+            self._push(t, due)
+        self._wake()
+
+
+class _Producer:
+    def __init__(self, scheduler: PollScheduler) -> None:
+        self._scheduler = scheduler
+
+    async def __aenter__(self) -> _Producer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._scheduler._producer_done()
+
+
+# -- what a poll worker does with one due task ------------------------------------------------------------------
+
+_RETRYABLE_TASK_PREFIXES = ("InternalError", "SystemError", "ModelServiceFailed", "ModelServingError")
+
+
+def retryable_task_code(code: str | None) -> bool:
+    """§6: task-level InternalError.* (Algo, Upload, Timeout) and capacity errors clear on resubmission."""
+    return bool(code) and (
+        str(code).startswith(_RETRYABLE_TASK_PREFIXES) or code in {"RequestTimeOut", "ModelUnavailable"}
+    )
+
+
+async def poll_once(ctx: StageContext, scheduler: PollScheduler, t: Tracked) -> Item | None:
+    """Query one due task. Returns the item when it leaves the scheduler (to download, or finished)."""
+    item = t.item
+    assert item.task_id is not None
+    timeout_local = ctx.config.limits.task_timeout_s / ctx.speedup
+    if anyio.current_time() - t.submitted_local > timeout_local:
+        scheduler.release(t)
+        if t.status in (TaskStatus.PENDING, TaskStatus.SUSPENDED) and await _cancel(ctx, item):
+            item.cancelled_by_us = True
+        item.finish(ItemState.TIMED_OUT, f"task not finished within limits.task_timeout_s (last seen {t.status})")
+        return item
+    try:
+        info = await ctx.api.get_task(item.task_id)
+    except (AuthError, QuotaError):
+        scheduler.release(t)
+        raise
+    except LPEngineError as exc:
+        ctx.emit(item, "poll.error", level="warning", error=str(exc))
+        scheduler.report_error(t)
+        return None
+    if not scheduler.report(t, info):
+        return None
+    item.timings["poll"] = anyio.current_time() - t.submitted_local
+    item.stage = Stage.POLL
+    if info.status is TaskStatus.SUCCEEDED:
+        item.video_url = info.video_url
+        item.video_duration = info.video_duration
+        await ctx.save(item)
+        return item
+    if info.status is TaskStatus.FAILED:
+        item.task_code, item.task_message = info.code, info.message
+        if retryable_task_code(info.code):
+            return await _resubmit(ctx, scheduler, item, f"task failed with retryable {info.code}")
+        item.finish(ItemState.TASK_FAILED, f"{info.code}: {info.message}")
+        return item
+    if info.status is TaskStatus.CANCELED:
+        if item.cancelled_by_us:
+            return await _resubmit(ctx, scheduler, item, "task was cancelled by an earlier stop")
+        item.finish(ItemState.CANCELLED, "the task was cancelled at the service (console or another client)")
+        return item
+    # UNKNOWN: expired (24 h) or purged — gone; only a new task can produce the video
+    return await _resubmit(ctx, scheduler, item, "task is gone at the service (UNKNOWN)")
+
+
+async def _resubmit(ctx: StageContext, scheduler: PollScheduler, item: Item, why: str) -> Item | None:
+    from lpengine.stages.submit import submit
+
+    ctx.emit(item, "task.resubmit", level="warning", why=why, attempts=item.submit_attempts)
+    item.task_id = None
+    await ctx.save(item)
+    await submit(ctx, item)
+    if item.state is not None:
+        if item.state is ItemState.SUBMIT_FAILED:
+            item.finish(ItemState.TASK_FAILED, f"{why}; {item.reason}", transient=item.transient)
+        return item
+    scheduler.add(item)
+    return None
+
+
+async def _cancel(ctx: StageContext, item: Item) -> bool:
+    assert item.task_id is not None
+    try:
+        with anyio.move_on_after(ctx.config.api.request_timeout_s, shield=True):
+            return await ctx.api.cancel_task(item.task_id)
+    except LPEngineError:
+        return False
+    return False

@@ -1,0 +1,166 @@
+"""Stage 1: check an item locally, restore what earlier runs achieved, and publish its files for the API.
+
+Local checks run first because they are free and the service's own checks are not: a 12 MB photo must never
+cost a detect call. The voice track is shared by every item, so it is checked once and published once per model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+from lpengine.errors import InputRejectedError, StorageError
+from lpengine.media import MediaError, inspect_audio, inspect_image
+from lpengine.models import Item, ItemState, Stage, item_identity
+from lpengine.stages.context import AudioTrack, StageContext, restore_item
+from lpengine.state.store import StoredUpload
+from lpengine.storage.base import DETECT_MODEL, SYNTHESIS_MODEL, LocalFile, Published
+
+MODELS = (DETECT_MODEL, SYNTHESIS_MODEL)
+_UNKNOWN_AUDIO_S = 10.0  # duration guess for audio given only by URL (used for scheduling and estimates)
+
+
+class _FileInfo(Protocol):
+    """What `ImageInfo` and `AudioInfo` share."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def suffix(self) -> str: ...
+
+
+def _local(info: _FileInfo) -> LocalFile:
+    return LocalFile(Path(info.path), info.sha256, info.size, info.content_type, info.suffix)
+
+
+def is_url(ref: str) -> bool:
+    return ref.startswith(("http://", "https://", "oss://"))
+
+
+async def load_audio(ctx: StageContext, ref: str) -> AudioTrack:
+    """Check an audio file once per batch (cached by reference); raises InputRejectedError."""
+    track = ctx.audio.get(ref)
+    if track is None:
+        if is_url(ref):
+            track = AudioTrack(file=None, url=ref, duration_s=_UNKNOWN_AUDIO_S)
+        else:
+            try:
+                info = await anyio.to_thread.run_sync(inspect_audio, Path(ref))
+            except MediaError as exc:
+                raise InputRejectedError(exc.path, exc.reason) from None
+            track = AudioTrack(file=_local(info), url=None, duration_s=info.duration_s)
+        ctx.audio[ref] = track
+    return track
+
+
+async def prepare(ctx: StageContext, item: Item) -> None:
+    """Local checks + identity + resume. Ends the item (rejected, or already done) or leaves it to go on."""
+    item.stage = Stage.UPLOAD
+    started = time.perf_counter()
+    audio_ref = item.spec.audio or (str(ctx.config.resolve(ctx.config.audio)) if ctx.config.audio else None)
+    if audio_ref is None:
+        item.finish(ItemState.REJECTED_LOCALLY, "no audio: set `audio:` in the config or an `audio` column")
+        return
+    try:
+        track = await load_audio(ctx, audio_ref)
+        if is_url(item.spec.image):
+            image_sha = hashlib.sha256(item.spec.image.encode()).hexdigest()
+        else:
+            try:
+                info = await anyio.to_thread.run_sync(inspect_image, Path(item.spec.image))
+            except MediaError as exc:
+                raise InputRejectedError(exc.path, exc.reason) from None
+            item.image = _local(info)
+            image_sha = info.sha256
+    except InputRejectedError as exc:
+        item.finish(ItemState.REJECTED_LOCALLY, f"{exc.path}: {exc.reason}")
+        return
+    item.audio = track.file
+    item.audio_duration = track.duration_s
+    audio_sha = track.file.sha256 if track.file else hashlib.sha256(audio_ref.encode()).hexdigest()
+    item.item_id = item_identity(item.spec.output_name, image_sha, audio_sha, item.spec.params)
+    item.timings["check"] = time.perf_counter() - started
+
+    stored = await ctx.store.get(item.item_id)
+    if stored is None:
+        return
+    restore_item(item, stored.data)
+    item.resumed = True
+    item.stage = Stage.UPLOAD
+    if item.state is ItemState.SUCCEEDED and not await _output_verified(item):
+        item.state = None  # the file vanished or changed: fetch it again (poll gives a fresh URL or says gone)
+    if item.state is not None and not item.transient:
+        return
+    item.state, item.reason, item.transient = None, "", False
+
+
+async def _output_verified(item: Item) -> bool:
+    if not item.output_path or item.output_size is None:
+        return False
+    try:
+        stat = await anyio.Path(item.output_path).stat()
+    except OSError:
+        return False
+    return stat.st_size == item.output_size
+
+
+async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
+    """Publish once per (content, model) per batch — and across runs for durable backends."""
+    backend = ctx.storage.name
+    durable = bool(getattr(ctx.storage, "durable", False))
+    lock = ctx.publish_locks.setdefault((file.sha256, model), anyio.Lock())
+    async with lock:
+        needed_until = time.time() + ctx.url_lifetime.total_seconds()
+        if durable:
+            cached = await ctx.store.upload(file.sha256, model, backend)
+            if cached is not None and cached.expires_at > needed_until:
+                return Published(cached.url, cached.needs_resolve_header, None)
+        published = await ctx.storage.publish(file, model=model, valid_for=ctx.url_lifetime)
+        if durable:
+            lifetime = float(getattr(ctx.storage, "lifetime_s", ctx.url_lifetime.total_seconds() * ctx.speedup))
+            await ctx.store.put_upload(
+                file.sha256,
+                model,
+                backend,
+                StoredUpload(
+                    published.url,
+                    published.needs_resolve_header,
+                    time.time() + ctx.local_seconds(lifetime),
+                    published.created_key,
+                ),
+            )
+        return published
+
+
+async def upload(ctx: StageContext, item: Item) -> None:
+    """Publish the image for both models (once, unless the backend binds files to a model) and the shared audio
+    for synthesis; URL inputs pass through."""
+    started = time.perf_counter()
+    model_bound = bool(getattr(ctx.storage, "model_bound", False))
+    try:
+        if item.image is None:
+            for model in MODELS:
+                item.image_urls[model] = Published(item.spec.image, item.spec.image.startswith("oss://"))
+        else:
+            item.image_urls[DETECT_MODEL] = await publish(ctx, item.image, DETECT_MODEL)
+            item.image_urls[SYNTHESIS_MODEL] = (
+                await publish(ctx, item.image, SYNTHESIS_MODEL) if model_bound else item.image_urls[DETECT_MODEL]
+            )
+        if item.audio is None:
+            ref = item.spec.audio or str(ctx.config.audio)
+            item.audio_urls[SYNTHESIS_MODEL] = Published(ref, ref.startswith("oss://"))
+        else:
+            item.audio_urls[SYNTHESIS_MODEL] = await publish(ctx, item.audio, SYNTHESIS_MODEL)
+    except StorageError as exc:
+        item.finish(ItemState.UPLOAD_FAILED, str(exc), transient=True)
+    item.timings["upload"] = time.perf_counter() - started

@@ -1,0 +1,247 @@
+"""Crash-safe record of every item's progress, so a re-run never pays twice and never loses a result.
+
+SQLite in WAL mode: a committed transaction survives the process being killed at any instruction (power loss
+may drop the last few with `synchronous=NORMAL`, never corrupt the file). The engine commits *before* each paid
+or irreversible step and *after* each result (write-ahead discipline); see docs/cron.md for the resume rules.
+
+`StateStore` is the seam: a server database can implement the same protocol for several machines sharing an
+account.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+import aiosqlite
+import anyio
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    item_id     TEXT PRIMARY KEY,
+    output_name TEXT NOT NULL,
+    image_sha   TEXT,
+    state       TEXT,
+    stage       TEXT NOT NULL,
+    task_id     TEXT,
+    data        TEXT NOT NULL,
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_task ON items(task_id);
+CREATE INDEX IF NOT EXISTS items_output ON items(output_name);
+CREATE TABLE IF NOT EXISTS detect_cache (
+    image_sha TEXT PRIMARY KEY,
+    passed    INTEGER NOT NULL,
+    message   TEXT NOT NULL,
+    at        REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    sha        TEXT NOT NULL,
+    model      TEXT NOT NULL,
+    backend    TEXT NOT NULL,
+    url        TEXT NOT NULL,
+    resolve    INTEGER NOT NULL,
+    expires_at REAL NOT NULL,
+    created_key TEXT,
+    PRIMARY KEY (sha, model, backend)
+);
+CREATE TABLE IF NOT EXISTS task_claims (
+    task_id     TEXT PRIMARY KEY,
+    item_id     TEXT NOT NULL,
+    claimed_wall REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    item_id: str
+    output_name: str
+    state: str | None
+    stage: str
+    task_id: str | None
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpload:
+    url: str
+    needs_resolve_header: bool
+    expires_at: float
+    created_key: str | None
+
+
+class StateStore(Protocol):
+    """What the engine needs from durable state."""
+
+    async def get(self, item_id: str) -> StoredItem | None: ...
+    async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None: ...
+    async def detect_verdict(self, image_sha: str) -> tuple[bool, str] | None: ...
+    async def put_detect(self, image_sha: str, passed: bool, message: str) -> None: ...
+    async def upload(self, sha: str, model: str, backend: str) -> StoredUpload | None: ...
+    async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None: ...
+    async def claim_task(self, task_id: str, item_id: str, wall: float) -> bool: ...
+    async def claim_times(self) -> dict[str, float]: ...
+    async def inflight_submits(self) -> list[tuple[str, float]]: ...
+    async def created_keys(self) -> list[str]: ...
+    def items(self) -> AsyncIterator[StoredItem]: ...
+
+
+class SqliteStateStore:
+    """The embedded default store (one file beside the output)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> Self:
+        await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+        self._db = await aiosqlite.connect(self.path)
+        await self._db.execute("PRAGMA journal_mode=WAL")
+        await self._db.execute("PRAGMA synchronous=NORMAL")
+        await self._db.executescript(_SCHEMA)
+        await self._db.commit()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._db is not None:
+            # Closing must finish even when the run is being cancelled, or the last commits could be lost.
+            with anyio.CancelScope(shield=True):
+                await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("state store used outside `async with`")
+        return self._db
+
+    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+        # Shielded: a write that started must reach the disk even if the run is cancelled meanwhile.
+        with anyio.CancelScope(shield=True):
+            await self.db.execute(sql, args)
+            await self.db.commit()
+
+    async def get(self, item_id: str) -> StoredItem | None:
+        async with self.db.execute(
+            "SELECT item_id, output_name, state, stage, task_id, data FROM items WHERE item_id = ?",
+            (item_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return _stored(row) if row else None
+
+    async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None:
+        await self._write(
+            "INSERT INTO items (item_id, output_name, image_sha, state, stage, task_id, data, updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(item_id) DO UPDATE SET "
+            "state=excluded.state, stage=excluded.stage, task_id=excluded.task_id, data=excluded.data, "
+            "updated_at=excluded.updated_at",
+            (
+                item_id,
+                output_name,
+                image_sha,
+                data.get("state"),
+                data.get("stage", "plan"),
+                data.get("task_id"),
+                json.dumps(data, separators=(",", ":")),
+                time.time(),
+            ),
+        )
+
+    async def detect_verdict(self, image_sha: str) -> tuple[bool, str] | None:
+        async with self.db.execute("SELECT passed, message FROM detect_cache WHERE image_sha = ?", (image_sha,)) as cur:
+            row = await cur.fetchone()
+        return (bool(row[0]), str(row[1])) if row else None
+
+    async def put_detect(self, image_sha: str, passed: bool, message: str) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO detect_cache (image_sha, passed, message, at) VALUES (?, ?, ?, ?)",
+            (image_sha, int(passed), message, time.time()),
+        )
+
+    async def upload(self, sha: str, model: str, backend: str) -> StoredUpload | None:
+        async with self.db.execute(
+            "SELECT url, resolve, expires_at, created_key FROM uploads WHERE sha = ? AND model = ? AND backend = ?",
+            (sha, model, backend),
+        ) as cur:
+            row = await cur.fetchone()
+        return StoredUpload(str(row[0]), bool(row[1]), float(row[2]), row[3]) if row else None
+
+    async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO uploads (sha, model, backend, url, resolve, expires_at, created_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                sha,
+                model,
+                backend,
+                upload.url,
+                int(upload.needs_resolve_header),
+                upload.expires_at,
+                upload.created_key,
+            ),
+        )
+
+    async def claim_task(self, task_id: str, item_id: str, wall: float) -> bool:
+        """Bind a task to an item; False if another item already owns it (reconciliation must not double-adopt).
+
+        `wall` is the local time the id became known: with the list's `gmt_create` it calibrates the service clock.
+        """
+        with anyio.CancelScope(shield=True):
+            cur = await self.db.execute(
+                "INSERT OR IGNORE INTO task_claims (task_id, item_id, claimed_wall) VALUES (?, ?, ?)",
+                (task_id, item_id, wall),
+            )
+            await self.db.commit()
+        if cur.rowcount == 1:
+            return True
+        async with self.db.execute("SELECT item_id FROM task_claims WHERE task_id = ?", (task_id,)) as c:
+            row = await c.fetchone()
+        return bool(row and row[0] == item_id)
+
+    async def claim_times(self) -> dict[str, float]:
+        async with self.db.execute("SELECT task_id, claimed_wall FROM task_claims") as cur:
+            return {str(r[0]): float(r[1]) for r in await cur.fetchall()}
+
+    async def inflight_submits(self) -> list[tuple[str, float]]:
+        """Items whose submit was sent but whose answer never arrived, with the local send time."""
+        async with self.db.execute(
+            "SELECT item_id, json_extract(data, '$.submit_inflight_wall') FROM items "
+            "WHERE task_id IS NULL AND json_extract(data, '$.submit_inflight_wall') IS NOT NULL"
+        ) as cur:
+            return [(str(r[0]), float(r[1])) for r in await cur.fetchall()]
+
+    async def created_keys(self) -> list[str]:
+        async with self.db.execute("SELECT DISTINCT created_key FROM uploads WHERE created_key IS NOT NULL") as cur:
+            return [str(r[0]) for r in await cur.fetchall()]
+
+    async def forget_created_keys(self, keys: list[str]) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
+            await self.db.commit()
+
+    async def items(self) -> AsyncIterator[StoredItem]:
+        """Every item, streamed (reports of 100k items must not load them all at once)."""
+        async with self.db.execute(
+            "SELECT item_id, output_name, state, stage, task_id, data FROM items ORDER BY output_name"
+        ) as cur:
+            async for row in cur:
+                yield _stored(row)
+
+
+def _stored(row: Any) -> StoredItem:
+    return StoredItem(
+        item_id=str(row[0]),
+        output_name=str(row[1]),
+        state=row[2],
+        stage=str(row[3]),
+        task_id=row[4],
+        data=json.loads(row[5]),
+    )

@@ -1,0 +1,71 @@
+"""The one interface every storage backend implements.
+
+DashScope only takes inputs by URL, so a backend's job is to turn a local file into a URL the service can fetch,
+for as long as the batch needs it. Backends are async context managers owned by the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Protocol, Self
+
+DETECT_MODEL = "liveportrait-detect"
+SYNTHESIS_MODEL = "liveportrait"
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A checked local input: its bytes' hash decides object keys and dedupe."""
+
+    path: Path
+    sha256: str
+    size: int
+    content_type: str
+    suffix: str  # normalised from the real format, e.g. ".png" for a PNG named .jpg
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where the service can fetch a file, and what the batch created to get there."""
+
+    url: str
+    # True when the URL is an `oss://` temporary upload: calls carrying it need the resolve header (§8).
+    needs_resolve_header: bool = False
+    # Object key this batch created (for clean-up); None when nothing was created (dedupe hit, pass-through).
+    created_key: str | None = None
+
+
+class Storage(Protocol):
+    """A place that publishes local files for the API."""
+
+    name: str
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def publish(self, file: LocalFile, *, model: str, valid_for: timedelta) -> Published:
+        """Make `file` fetchable by `model` for at least `valid_for`.
+
+        Backends that are not model-bound ignore `model`. Raises `StorageError`.
+        """
+        ...
+
+    async def cleanup(self, keys: list[str]) -> int:
+        """Delete objects this batch created (never anything else); returns how many were deleted."""
+        ...
+
+    async def probe(self) -> str:
+        """Write, read back through the URL the API would get, and delete one probe object.
+
+        Returns a one-line description of what was verified; raises `StorageError` with the fix.
+        """
+        ...

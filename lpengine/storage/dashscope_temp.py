@@ -1,0 +1,83 @@
+"""DashScope's free temporary storage (§8): `oss://` URLs, 48 h, no bucket needed.
+
+Each file is bound to the model it was uploaded for, so an image is uploaded once for `liveportrait-detect` and
+once for `liveportrait`. A policy is reused for several files until shortly before it expires.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+import anyio
+
+from lpengine.client.api import DashScopeClient
+from lpengine.client.wire import UploadPolicy
+from lpengine.errors import ApiError, LPEngineError, StorageError
+from lpengine.storage.base import LocalFile, Published
+
+FILE_LIFETIME_S = 48 * 3600  # §8
+_POLICY_SAFETY_S = 30.0
+
+
+class DashScopeTempStorage:
+    name = "dashscope_temp"
+    durable = True
+    model_bound = True  # §8: a file works only with the model it was uploaded for
+    lifetime_s = FILE_LIFETIME_S
+
+    def __init__(self, client: DashScopeClient, *, speedup: float = 1.0) -> None:
+        self._client = client
+        self._speedup = speedup
+        self._policies: dict[str, UploadPolicy] = {}
+        self._lock = anyio.Lock()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+    async def _policy(self, model: str) -> UploadPolicy:
+        async with self._lock:
+            policy = self._policies.get(model)
+            now = anyio.current_time()
+            if (
+                policy is None
+                or now > policy.fetched_at + (policy.expire_in_seconds - _POLICY_SAFETY_S) / self._speedup
+            ):
+                policy = await self._client.get_upload_policy(model)
+                self._policies[model] = policy
+            return policy
+
+    async def publish(self, file: LocalFile, *, model: str, valid_for: timedelta) -> Published:
+        if valid_for.total_seconds() * self._speedup > FILE_LIFETIME_S:
+            raise StorageError(
+                "temporary storage keeps files 48 h, less than this batch needs; use storage.backend: s3"
+            )
+        try:
+            policy = await self._policy(model)
+            if file.size > policy.max_file_size_mb * 1024 * 1024:
+                raise StorageError(f"{file.path}: larger than the temporary storage limit for {model}")
+            url = await self._client.upload_temp(policy, file.path, f"{file.sha256}{file.suffix}")
+        except ApiError as exc:
+            if exc.code == "AccessDenied" and "expired" in exc.message.lower():
+                self._policies.pop(model, None)  # refetch next time; the stage retries the item
+            raise StorageError(
+                f"temporary upload failed: {exc.code}: {exc.message}", retryable=exc.is_retryable
+            ) from None
+        except LPEngineError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            raise StorageError(f"temporary upload failed: {exc}", retryable=True) from None
+        return Published(url=url, needs_resolve_header=True)
+
+    async def cleanup(self, keys: list[str]) -> int:
+        return 0  # files expire by themselves after 48 h and cannot be deleted (§8)
+
+    async def probe(self) -> str:
+        policy = await self._policy("liveportrait")
+        return f"temporary storage policy obtained (upload host {policy.upload_host}, files live 48 h)"

@@ -1,0 +1,76 @@
+"""A loopback HTTP server that publishes exactly the batch's files behind an unguessable prefix.
+
+Useful with the emulator (which runs on the same machine) or when the machine is reachable by the service through
+a public address (`public_base_url`). It serves only files registered by `publish`, by content hash, so path
+traversal and guessing get 404 whatever the request looks like.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+from lpengine.config import FileServerStorageConfig
+from lpengine.errors import StorageError
+from lpengine.storage.base import LocalFile, Published
+
+
+class FileServerStorage:
+    name = "fileserver"
+    durable = False  # URLs die with the process: never cache them across runs
+
+    def __init__(self, config: FileServerStorageConfig) -> None:
+        self._config = config
+        self._prefix = secrets.token_urlsafe(24)
+        self._files: dict[str, tuple[Path, str]] = {}
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    async def __aenter__(self) -> Self:
+        app = web.Application()
+        app.router.add_get("/{prefix}/{name}", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._config.host, self._config.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise StorageError(
+                f"file server cannot bind {self._config.host}:{self._config.port} ({exc.strerror}); "
+                "choose another storage.port"
+            ) from None
+        port = int(self._runner.addresses[0][1])
+        root = self._config.public_base_url or f"http://{self._config.host}:{port}"
+        self.base_url = f"{root.rstrip('/')}/{self._prefix}"
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        entry = self._files.get(request.match_info["name"])
+        if request.match_info["prefix"] != self._prefix or entry is None:
+            raise web.HTTPNotFound()
+        path, content_type = entry
+        return web.FileResponse(path, headers={"Content-Type": content_type})
+
+    async def publish(self, file: LocalFile, *, model: str, valid_for: timedelta) -> Published:
+        name = f"{file.sha256}{file.suffix}"
+        self._files[name] = (file.path, file.content_type)
+        return Published(url=f"{self.base_url}/{name}")
+
+    async def cleanup(self, keys: list[str]) -> int:
+        return 0
+
+    async def probe(self) -> str:
+        return f"file server listening, publishing under {self.base_url.rsplit('/', 1)[0]}/<secret prefix>"

@@ -1,0 +1,92 @@
+"""Planning: safe, unique, stable output names; manifests streamed with one message per bad row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lpengine.config import load_config
+from lpengine.models import ItemSpec
+from lpengine.plan import Namer, PlanProblem, iter_plan, safe_stem
+from tests.conftest import write
+
+
+@given(st.text(max_size=300))
+def test_safe_stem_never_escapes_the_output_folder(name: str) -> None:
+    """Property: whatever the input, the stem is a single, non-hidden, bounded path component."""
+    stem = safe_stem(name)
+    assert stem
+    assert "/" not in stem and "\\" not in stem and "\x00" not in stem
+    assert not stem.startswith(".")
+    assert stem not in (".", "..")
+    assert len(stem) <= 120
+    root = Path("/out")
+    assert (root / f"{stem}.mp4").resolve().parent == root
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=20), st.sampled_from(["", ".jpg", ".png"])), max_size=40))
+def test_namer_assigns_unique_names(entries: list[tuple[str, str]]) -> None:
+    """Property: no two inputs ever share an output name (case-insensitively)."""
+    namer = Namer()
+    names = [namer.assign(stem, suffix).casefold() for stem, suffix in entries]
+    assert len(names) == len(set(names))
+
+
+def test_same_stem_different_extension_do_not_collide() -> None:
+    """`a.jpg` and `a.png` become `a` and `a_png`."""
+    namer = Namer()
+    assert namer.assign("a", ".jpg") == "a"
+    assert namer.assign("a", ".png") == "a_png"
+    assert namer.assign("a", ".png") == "a_png_2"
+    assert safe_stem("../../etc/passwd") == "_.._etc_passwd"  # one harmless component
+    assert safe_stem("照片 一.jpg") == "照片 一.jpg"
+    assert safe_stem("CON") == "CON_"
+
+
+def test_folder_plan_lists_images_and_refuses_escaping_symlinks(tmp_path: Path) -> None:
+    """Folder scans are sorted; a symlink out of the folder is a named problem, not an upload."""
+    photos = tmp_path / "photos"
+    for name in ("b.jpg", "a.png", "a.jpg", "notes.txt"):
+        write(photos / name, "x")
+    secret = write(tmp_path / "secret.jpg", "x")
+    (photos / "link.jpg").symlink_to(secret)
+    cfg = load_config(write(tmp_path / "b.yaml", "inputs:\n  images: photos\naudio: v.wav\n"))
+    plan = list(iter_plan(cfg))
+    specs = [p for p in plan if isinstance(p, ItemSpec)]
+    problems = [p for p in plan if isinstance(p, PlanProblem)]
+    assert [s.output_name for s in specs] == ["a", "a_png", "b"]
+    assert len(problems) == 1 and "symlink pointing outside" in problems[0].message
+
+
+def test_manifest_rows_each_get_one_message(tmp_path: Path) -> None:
+    """Bad rows are reported with file:line and the fix; good rows carry their overrides."""
+    manifest = write(
+        tmp_path / "m.csv",
+        "image,output,template_id,video_fps\n"
+        "a.jpg,alice,calm,25\n"
+        ",nobody,,\n"
+        "b.jpg,bob,wild,\n"
+        "a.jpg,alice,calm,25\n"
+        "https://example.com/c.png,,,\n",
+    )
+    cfg = load_config(write(tmp_path / "b.yaml", f"inputs:\n  manifest: {manifest.name}\naudio: v.wav\n"))
+    plan = list(iter_plan(cfg))
+    assert isinstance(plan[0], ItemSpec) and plan[0].output_name == "alice"
+    assert plan[0].params.template_id == "calm" and plan[0].params.video_fps == 25
+    assert isinstance(plan[1], PlanProblem) and "m.csv:3" in plan[1].source and "missing `image`" in plan[1].message
+    assert isinstance(plan[2], PlanProblem) and "template_id" in plan[2].message
+    assert isinstance(plan[3], PlanProblem) and "duplicate of line 2" in plan[3].message
+    assert isinstance(plan[4], ItemSpec) and plan[4].image == "https://example.com/c.png"
+    assert plan[4].output_name == "c"
+
+
+def test_jsonl_manifest_and_unknown_columns(tmp_path: Path) -> None:
+    """JSONL works; an unknown column names the allowed ones; broken JSON names the line."""
+    manifest = write(tmp_path / "m.jsonl", '{"image": "a.jpg", "eye_move_freq": 0.2}\n{"imgae": "b.jpg"}\n{oops\n')
+    cfg = load_config(write(tmp_path / "b.yaml", "inputs:\n  manifest: m.jsonl\naudio: v.wav\n"))
+    plan = list(iter_plan(cfg))
+    assert isinstance(plan[0], ItemSpec) and plan[0].params.eye_move_freq == 0.2
+    assert isinstance(plan[1], PlanProblem) and "unknown column(s) imgae" in plan[1].message
+    assert isinstance(plan[2], PlanProblem) and "invalid JSON" in plan[2].message
