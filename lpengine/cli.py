@@ -183,3 +183,89 @@ async def _dry_run(cfg: BatchConfig, limit: int | None) -> int:
 
 def main() -> None:
     app()
+
+
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", help="Where the demo's videos and reports go.")] = Path(
+        "lpengine-demo"
+    ),
+    log_format: LogFormat = "console",
+    log_level: LogLevel = None,
+) -> None:
+    """Run the bundled demo (sample portraits + a voice clip) against the in-process emulator. No key, no cost."""
+    _setup_logging(log_format, log_level)
+    demo_yaml = Path(__file__).parent / "assets" / "demo.yaml"
+    cfg = _load(demo_yaml, output)
+    code = _run_async(lambda: _run(cfg, None))
+    typer.echo(f"demo videos and report.html / report.json / report.csv are in {cfg.output_dir.absolute()}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    config: ConfigArg,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+) -> None:
+    """Show the batch's progress from the state store, without calling the API."""
+    cfg = _load(config)
+    if not cfg.state_path.exists():
+        raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
+    summary = _run_async(lambda: _status(cfg))
+    if as_json:
+        typer.echo(json.dumps(summary, ensure_ascii=False))
+        return
+    typer.echo(f"batch state {cfg.state_path}")
+    typer.echo(f"  items known            {summary['items']}")
+    for state, n in sorted(summary["finished"].items()):
+        typer.echo(f"  {state:<22} {n}")
+    for stage, n in sorted(summary["in_progress"].items()):
+        typer.echo(f"  in progress at {stage:<7} {n}")
+    typer.echo(f"  tasks at the service   {summary['tasks_outstanding']}")
+
+
+async def _status(cfg: BatchConfig) -> dict[str, Any]:
+    from lpengine.state.store import SqliteStateStore
+
+    finished: dict[str, int] = {}
+    in_progress: dict[str, int] = {}
+    outstanding = total = 0
+    async with SqliteStateStore(cfg.state_path) as store:
+        async for row in store.items():
+            total += 1
+            if row.state and not row.data.get("transient"):
+                finished[row.state] = finished.get(row.state, 0) + 1
+            else:
+                in_progress[row.stage] = in_progress.get(row.stage, 0) + 1
+                outstanding += bool(row.task_id)
+    return {"items": total, "finished": finished, "in_progress": in_progress, "tasks_outstanding": outstanding}
+
+
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8089,
+    host: Annotated[str, typer.Option(help="Bind address; loopback unless you mean it.")] = "127.0.0.1",
+    speedup: Annotated[float, typer.Option(help="Divide every duration, quota and expiry by this.")] = 1.0,
+    realtime_factor: Annotated[float, typer.Option(help="Task run time = audio duration × this.")] = 1.5,
+    detector: Annotated[str, typer.Option(help="auto, haar, rule or always_pass.")] = "auto",
+    video: Annotated[str, typer.Option(help="real (encode MP4) or stub.")] = "real",
+    seed: Annotated[int, typer.Option(help="Seed for noise and fault injection.")] = 0,
+) -> None:
+    """Serve the DashScope LivePortrait emulator (docs/emulator.md). Keys: DASHSCOPE_API_KEY or sk-emulator."""
+    from pydantic import ValidationError
+
+    from lpengine.emulator import EmulatorSettings, serve_forever
+
+    try:
+        settings = EmulatorSettings(
+            host=host,
+            port=port,
+            speedup=speedup,
+            realtime_factor=realtime_factor,
+            detector=detector,  # type: ignore[arg-type]
+            video=video,  # type: ignore[arg-type]
+            seed=seed,
+        )
+    except ValidationError as exc:
+        raise _fail([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()], EXIT_CONFIG) from None
+    _run_async(lambda: serve_forever(settings))

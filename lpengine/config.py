@@ -125,8 +125,6 @@ class RetryConfig(_Model):
 class EmbeddedEmulatorConfig(_Model):
     """Run against the bundled DashScope emulator, started in-process: no API key, no cost."""
 
-    speedup: Annotated[float, Field(gt=0, le=100_000)] = 20.0
-    """Every service duration, quota and expiry is divided by this (and the client's pacing follows)."""
     realtime_factor: Annotated[float, Field(gt=0, le=100)] = 1.5
     """Emulated task run time = audio duration × this."""
     detector: Literal["auto", "haar", "rule", "always_pass"] = "auto"
@@ -154,6 +152,16 @@ class ApiConfig(_Model):
     """Optional `X-DashScope-WorkSpace` id for sub-workspace keys."""
     emulator: EmbeddedEmulatorConfig | None = None
     """When set, an emulator is started in-process and `base_url` is ignored (the demo uses this)."""
+    speedup: Annotated[float, Field(gt=0, le=100_000)] = 1.0
+    """Emulators only: their durations, quotas and expiries are divided by this, and the client's pacing and
+    polling follow. Must stay 1 against the real service."""
+
+    @model_validator(mode="after")
+    def _speedup_only_for_emulators(self) -> ApiConfig:
+        loopback = self.base_url.startswith(("http://127.", "http://localhost", "http://[::1]"))
+        if self.speedup != 1 and self.emulator is None and not loopback:
+            raise ValueError("speedup is for emulators only (embedded, or on a loopback base_url); remove it")
+        return self
 
 
 class FileServerStorageConfig(_Model):
@@ -290,8 +298,8 @@ class BatchConfig(_Model):
 
     @property
     def speedup(self) -> float:
-        """Time compression shared by the embedded emulator and the client's pacing (1 for the real service)."""
-        return self.api.emulator.speedup if self.api.emulator else 1.0
+        """Time compression shared by the emulator and the client's pacing (1 for the real service)."""
+        return self.api.speedup
 
     def scaled(self, seconds: float) -> timedelta:
         return timedelta(seconds=seconds / self.speedup)

@@ -145,7 +145,7 @@ class Engine:
                 run_emulator(
                     EmulatorSettings(
                         api_keys=[key.get_secret_value()],
-                        speedup=emu_cfg.speedup,
+                        speedup=config.speedup,
                         realtime_factor=emu_cfg.realtime_factor,
                         detector=emu_cfg.detector,
                         video=emu_cfg.video,

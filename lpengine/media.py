@@ -29,6 +29,8 @@ from mutagen.mp3 import MP3
 from mutagen.wave import WAVE
 from PIL import BmpImagePlugin, Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
+from lpengine.errors import InputRejectedError
+
 __all__ = [
     "AUDIO_MAX_BYTES",
     "AUDIO_MAX_SECONDS",
@@ -78,16 +80,11 @@ _AUDIO_FORMATS: Final[dict[str, tuple[str, str]]] = {
 _HASH_CHUNK: Final = _MIB
 
 
-class MediaError(Exception):
+class MediaError(InputRejectedError):
     """A local file is unusable as an input or as a downloaded result: refused before paying, or to be redone.
 
     `reason` is written for the person who has to fix the file, so the engine can show it without a traceback.
     """
-
-    def __init__(self, path: Path | str, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
     def __reduce__(self) -> tuple[type[MediaError], tuple[str, str]]:
         # Exception pickling replays self.args, which here is the formatted message, not (path, reason).

@@ -14,7 +14,7 @@ from typing import Protocol
 import anyio
 
 from lpengine.errors import InputRejectedError, StorageError
-from lpengine.media import MediaError, inspect_audio, inspect_image
+from lpengine.media import inspect_audio, inspect_image
 from lpengine.models import Item, ItemState, Stage, item_identity
 from lpengine.stages.context import AudioTrack, StageContext, restore_item
 from lpengine.state.store import StoredUpload
@@ -54,10 +54,7 @@ async def load_audio(ctx: StageContext, ref: str) -> AudioTrack:
         if is_url(ref):
             track = AudioTrack(file=None, url=ref, duration_s=_UNKNOWN_AUDIO_S)
         else:
-            try:
-                info = await anyio.to_thread.run_sync(inspect_audio, Path(ref))
-            except MediaError as exc:
-                raise InputRejectedError(exc.path, exc.reason) from None
+            info = await anyio.to_thread.run_sync(inspect_audio, Path(ref))
             track = AudioTrack(file=_local(info), url=None, duration_s=info.duration_s)
         ctx.audio[ref] = track
     return track
@@ -76,10 +73,7 @@ async def prepare(ctx: StageContext, item: Item) -> None:
         if is_url(item.spec.image):
             image_sha = hashlib.sha256(item.spec.image.encode()).hexdigest()
         else:
-            try:
-                info = await anyio.to_thread.run_sync(inspect_image, Path(item.spec.image))
-            except MediaError as exc:
-                raise InputRejectedError(exc.path, exc.reason) from None
+            info = await anyio.to_thread.run_sync(inspect_image, Path(item.spec.image))
             item.image = _local(info)
             image_sha = info.sha256
     except InputRejectedError as exc:

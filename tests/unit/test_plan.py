@@ -84,7 +84,7 @@ def test_manifest_rows_each_get_one_message(tmp_path: Path) -> None:
 
 def test_jsonl_manifest_and_unknown_columns(tmp_path: Path) -> None:
     """JSONL works; an unknown column names the allowed ones; broken JSON names the line."""
-    manifest = write(tmp_path / "m.jsonl", '{"image": "a.jpg", "eye_move_freq": 0.2}\n{"imgae": "b.jpg"}\n{oops\n')
+    write(tmp_path / "m.jsonl", '{"image": "a.jpg", "eye_move_freq": 0.2}\n{"imgae": "b.jpg"}\n{oops\n')
     cfg = load_config(write(tmp_path / "b.yaml", "inputs:\n  manifest: m.jsonl\naudio: v.wav\n"))
     plan = list(iter_plan(cfg))
     assert isinstance(plan[0], ItemSpec) and plan[0].params.eye_move_freq == 0.2

@@ -1,0 +1,171 @@
+"""The engine end to end over real HTTP against the emulator: a mixed batch lands every item in the right state."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lpengine import Engine, ItemState, load_config
+from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
+from lpengine.media import verify_mp4
+
+pytestmark = pytest.mark.anyio
+
+KEY = "sk-test-engine-0123456789"
+VOICE = Path(__file__).resolve().parents[2] / "lpengine" / "assets" / "voice.wav"
+SPEEDUP = 200.0
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """42 portraits, 4 non-faces, 4 locally invalid files — 50 inputs."""
+    from lpengine.demo_assets import make_non_faces, make_portraits
+
+    root = tmp_path_factory.mktemp("dataset")
+    faces = make_portraits(root / "faces", 42)
+    non_faces = make_non_faces(root / "nonfaces", 4)
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "zero.jpg").write_bytes(b"")
+    (bad / "text.jpg").write_text("this is not an image")
+    Image.new("RGB", (4097, 100)).save(bad / "too_wide.png")
+    Image.new("RGB", (64, 64)).save(bad / "anim.gif")
+    return {"faces": faces, "non_faces": non_faces, "bad": sorted(bad.iterdir())}
+
+
+def make_batch(tmp_path: Path, dataset: dict[str, list[Path]], base_url: str, **extra: str) -> Path:
+    photos = tmp_path / "photos"
+    photos.mkdir(exist_ok=True)
+    for group in dataset.values():
+        for path in group:
+            shutil.copy(path, photos / f"{path.parent.name}_{path.name}")
+    body = f"""
+inputs:
+  images: photos
+audio: {VOICE}
+api:
+  base_url: {base_url}
+  speedup: {SPEEDUP}
+  retry:
+    initial_wait_s: 0.01
+    max_wait_s: 0.05
+concurrency:
+  submit_window: 4
+output:
+  dir: out
+"""
+    for key, value in extra.items():
+        body += f"{key}: {value}\n"
+    (tmp_path / "batch.yaml").write_text(body)
+    return tmp_path / "batch.yaml"
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[object]:
+    async with run_emulator(EmulatorSettings(api_keys=[KEY], speedup=SPEEDUP, seed=3, video="stub")) as emu:
+        yield emu
+
+
+async def test_mixed_batch_every_item_in_the_right_state(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
+    """50 items: good, invalid, no face, failing tasks (permanent and retryable), one expired URL."""
+    faces = dataset["faces"]
+    permanent, retry_once, expired = faces[:2], faces[2:4], faces[4]
+    emulator.set_faults(  # type: ignore[attr-defined]
+        FaultSettings(
+            rules=[
+                *(FaultRule(match=sha(p), action="fail_task", code="InvalidImage.NoHumanFace") for p in permanent),
+                *(FaultRule(match=sha(p), action="fail_task", code="InternalError.Algo", times=1) for p in retry_once),
+                FaultRule(match=sha(expired), action="expire_result"),
+            ]
+        )
+    )
+    config = load_config(make_batch(tmp_path, dataset, emulator.base_url))  # type: ignore[attr-defined]
+    events = []
+    async with Engine(config, api_key=KEY, on_event=events.append) as engine:
+        report = await engine.run()
+
+    counts = Counter(r.state for r in report.items)
+    assert counts == {
+        ItemState.SUCCEEDED: 39,
+        ItemState.REJECTED_LOCALLY: 4,
+        ItemState.DETECT_FAILED: 4,
+        ItemState.TASK_FAILED: 2,
+        ItemState.DOWNLOAD_FAILED: 1,
+    }
+    by_input = {Path(r.input).name: r for r in report.items}
+    assert "InvalidImage.NoHumanFace" in by_input[f"faces_{permanent[0].name}"].reason
+    assert "expired" in by_input[f"faces_{expired.name}"].reason
+    assert by_input[f"faces_{retry_once[0].name}"].state is ItemState.SUCCEEDED
+    assert by_input[f"faces_{retry_once[0].name}"].submit_attempts == 2
+    assert "10 MB" in by_input["bad_zero.jpg"].reason or "empty" in by_input["bad_zero.jpg"].reason.lower()
+    assert all(r.reason for r in report.items if r.state is not ItemState.SUCCEEDED)
+
+    out = tmp_path / "out"
+    videos = sorted(out.glob("*.mp4"))
+    assert len(videos) == 39
+    for video in videos:
+        verify_mp4(video)
+    assert not list(out.glob("*.part")) and not list(out.glob(".*.part"))
+
+    stats = emulator.stats()  # type: ignore[attr-defined]
+    assert sum(stats.throttled.values()) == 0
+    assert all(n == 1 for n in stats.detect_per_image.values())
+    assert len(stats.detect_per_image) == 46
+    submitted = {h: n for h, n in stats.submissions_per_image.items()}
+    assert sum(submitted.values()) == 42 + 2  # each passed image once, the two retryable failures twice
+    assert all(submitted[sha(p)] == 2 for p in retry_once)
+
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert len(rows) == 50
+    assert sum(1 for r in rows if r["state"] == "succeeded") == 39
+    summary = json.loads((out / "report.json").read_text())["summary"]
+    assert summary["counts"]["succeeded"] == 39
+    assert report.cost_cny == pytest.approx(46 * 0.004 + 39 * 3.95 * 0.02, rel=0.02)
+    assert any(e.state is ItemState.SUCCEEDED for e in events)
+    logs = list(out.glob("lpengine-*.jsonl"))
+    assert logs and KEY not in logs[0].read_text()
+    assert all("item" in json.loads(line) for line in logs[0].read_text().splitlines() if "item.finished" in line)
+
+
+async def test_rerun_pays_nothing_for_finished_work(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
+    """A second run of the same batch skips verified outputs and reuses detect verdicts: zero paid calls."""
+    small = {"faces": dataset["faces"][:5], "non_faces": dataset["non_faces"][:1], "bad": []}
+    config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
+    async with Engine(config, api_key=KEY) as engine:
+        first = await engine.run()
+    assert Counter(r.state for r in first.items) == {ItemState.SUCCEEDED: 5, ItemState.DETECT_FAILED: 1}
+    before = emulator.stats()  # type: ignore[attr-defined]
+    async with Engine(config, api_key=KEY) as engine:
+        second = await engine.run()
+    after = emulator.stats()  # type: ignore[attr-defined]
+    assert Counter(r.state for r in second.items) == {ItemState.SUCCEEDED: 5, ItemState.DETECT_FAILED: 1}
+    assert all(r.resumed for r in second.items)
+    assert after.requests.get("detect", 0) == before.requests.get("detect", 0)
+    assert after.requests.get("submit", 0) == before.requests.get("submit", 0)
+    assert after.result_downloads == before.result_downloads
+
+
+async def test_process_one_item_from_a_service(tmp_path: Path, dataset: dict[str, list[Path]], emulator: object) -> None:
+    """`engine.process()` feeds one item and returns its result while the engine stays open."""
+    config = load_config(make_batch(tmp_path, {"faces": [], "non_faces": [], "bad": []}, emulator.base_url))  # type: ignore[attr-defined]
+    async with Engine(config, api_key=KEY) as engine:
+        first = await engine.process(dataset["faces"][0])
+        second = await engine.process(dataset["non_faces"][0], output_name="cat")
+    assert first.state is ItemState.SUCCEEDED and first.output and Path(first.output).exists()
+    assert second.state is ItemState.DETECT_FAILED and second.detect_message
