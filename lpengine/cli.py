@@ -22,6 +22,7 @@ from lpengine.config import BatchConfig, load_config
 from lpengine.engine import DryRunReport, Engine
 from lpengine.errors import AuthError, BatchLockedError, ConfigError, LPEngineError, QuotaError, StorageError
 from lpengine.models import ItemState, RunReport
+from lpengine.progress import JsonProgress, ProgressState, TtyProgress
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -38,7 +39,7 @@ app = typer.Typer(
 T = TypeVar("T")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Batch YAML file (see configs/batch.yaml).")]
-LogFormat = Annotated[str, typer.Option("--log-format", help="stderr log format: console or json.")]
+LogFormat = Annotated[str | None, typer.Option("--log-format", help="stderr log format: console or json.")]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")]
 
 
@@ -58,12 +59,17 @@ def _load(path: Path, output: Path | None = None) -> BatchConfig:
         raise _fail(exc.problems, EXIT_CONFIG) from None
 
 
-def _setup_logging(fmt: str, level: str | None) -> None:
+def _setup_logging(fmt: str | None, level: str | None, cfg: BatchConfig | None = None) -> tuple[str, str]:
+    """Flags over the config's `logging:` section. Default level warning: on a TTY the progress bars show the rest,
+    and under cron only warnings and the final JSON summary are printed."""
+    fmt = fmt or (cfg.logging.format if cfg else "console")
+    level = level or (cfg.logging.level if cfg and cfg.logging.level else "warning")
     if fmt not in ("console", "json"):
         raise _fail([f"--log-format: {fmt!r} is not allowed; use console or json"], EXIT_CONFIG)
-    # Off a TTY (cron) only warnings reach stderr unless asked: the final JSON line is the record.
-    default = "info" if sys.stderr.isatty() else "warning"
-    logs.configure(fmt=fmt, level=level or default)
+    if level not in ("debug", "info", "warning", "error"):
+        raise _fail([f"--log-level: {level!r} is not allowed; use debug, info, warning or error"], EXIT_CONFIG)
+    logs.configure(fmt=fmt, level=level)
+    return fmt, level
 
 
 def _run_async(main: Callable[[], Awaitable[T]]) -> T:
@@ -119,21 +125,51 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check locally, estimate cost, send nothing.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N items.")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Override output.dir.")] = None,
-    log_format: LogFormat = "console",
+    log_format: LogFormat = None,
     log_level: LogLevel = None,
+    progress_interval: Annotated[
+        float | None, typer.Option("--progress-interval", help="Off a TTY: print a JSON progress line every N s.")
+    ] = None,
 ) -> None:
     """Run a batch: upload → detect → submit → poll → download, then write the reports."""
     _setup_logging(log_format, log_level)
     cfg = _load(config, output)
+    log_format, log_level = _setup_logging(log_format, log_level, cfg)
     if dry_run:
         raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))
-    raise typer.Exit(_run_async(lambda: _run(cfg, limit)))
+    raise typer.Exit(
+        _run_async(
+            lambda: _run(cfg, limit, log_format=log_format, log_level=log_level, progress_interval=progress_interval)
+        )
+    )
 
 
-async def _run(cfg: BatchConfig, limit: int | None) -> int:
+async def _run(
+    cfg: BatchConfig,
+    limit: int | None,
+    *,
+    log_format: str,
+    log_level: str,
+    progress_interval: float | None = None,
+) -> int:
+    state = ProgressState()
     try:
-        async with Engine(cfg) as engine:
-            report, interrupted = await _with_signals(engine, lambda: engine.run(limit=limit))
+        async with Engine(cfg, on_event=state.on_event) as engine:
+            if sys.stderr.isatty():
+                with TtyProgress(state) as bars:
+                    # logs must go through the live display, or they would tear the bars apart
+                    logs.configure(fmt=log_format, level=log_level, stream=bars.log_stream)
+                    report, interrupted = await _with_signals(
+                        engine, lambda: engine.run(limit=limit, on_planned=bars.set_total)
+                    )
+            else:
+                async with anyio.create_task_group() as tg:
+                    if progress_interval:  # cron output stays quiet unless asked (docs/cron.md)
+                        tg.start_soon(JsonProgress(state, sys.stderr).run, progress_interval)
+                    report, interrupted = await _with_signals(
+                        engine, lambda: engine.run(limit=limit, on_planned=state.set_total)
+                    )
+                    tg.cancel_scope.cancel()
     except BatchLockedError as exc:
         raise _fail([str(exc)], EXIT_LOCKED) from None
     except ConfigError as exc:
@@ -190,14 +226,14 @@ def demo(
     output: Annotated[Path, typer.Option("--output", help="Where the demo's videos and reports go.")] = Path(
         "lpengine-demo"
     ),
-    log_format: LogFormat = "console",
+    log_format: LogFormat = None,
     log_level: LogLevel = None,
 ) -> None:
     """Run the bundled demo (sample portraits + a voice clip) against the in-process emulator. No key, no cost."""
-    _setup_logging(log_format, log_level)
     demo_yaml = Path(__file__).parent / "assets" / "demo.yaml"
     cfg = _load(demo_yaml, output)
-    code = _run_async(lambda: _run(cfg, None))
+    log_format, log_level = _setup_logging(log_format, log_level, cfg)
+    code = _run_async(lambda: _run(cfg, None, log_format=log_format, log_level=log_level))
     typer.echo(f"demo videos and report.html / report.json / report.csv are in {cfg.output_dir.absolute()}")
     raise typer.Exit(code)
 
@@ -262,8 +298,8 @@ def emulator(
             port=port,
             speedup=speedup,
             realtime_factor=realtime_factor,
-            detector=detector,  # type: ignore[arg-type]
-            video=video,  # type: ignore[arg-type]
+            detector=detector,
+            video=video,
             seed=seed,
         )
     except ValidationError as exc:

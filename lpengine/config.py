@@ -28,6 +28,7 @@ __all__ = [
     "EmbeddedEmulatorConfig",
     "FileServerStorageConfig",
     "InputsConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "OutputConfig",
     "PricingConfig",
@@ -220,11 +221,15 @@ class ConcurrencyConfig(_Model):
     """Workers per stage and the submission window. Throughput is bounded by the service (one task runs at a time)."""
 
     upload: Annotated[int, Field(ge=1, le=256)] = 8
+    """Items checked and published at once (local checks run in worker threads)."""
     detect: Annotated[int, Field(ge=1, le=64)] = 4
+    """Detect requests in flight at once (all share the detect QPS budget)."""
     submit: Annotated[int, Field(ge=1, le=16)] = 2
+    """Submit workers; the submission window, not this, bounds the tasks at the service."""
     poll: Annotated[int, Field(ge=1, le=64)] = 4
     """Concurrent task queries (all share the query QPS budget)."""
     download: Annotated[int, Field(ge=1, le=64)] = 4
+    """MP4 downloads at once."""
     submit_window: Annotated[int, Field(ge=1, le=1000)] = 4
     """Tasks outstanding at the service at once. The account runs one at a time and a task id expires 24 h after
     creation, so a few queued tasks keep the runner busy without parking the whole batch at the service."""
@@ -233,6 +238,8 @@ class ConcurrencyConfig(_Model):
 
 
 class OutputConfig(_Model):
+    """Where results go."""
+
     dir: Path = Path("output")
     """Where videos, reports and the per-batch JSONL log go (relative to the config file)."""
     overwrite: bool = False
@@ -240,6 +247,8 @@ class OutputConfig(_Model):
 
 
 class StateConfig(_Model):
+    """The crash-safe record that lets a re-run resume without paying twice."""
+
     path: Path | None = None
     """SQLite state store; default `<output.dir>/.lpengine/state.db`."""
     max_submit_attempts: Annotated[int, Field(ge=1, le=10)] = 3
@@ -247,7 +256,10 @@ class StateConfig(_Model):
 
 
 class LoggingConfig(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    """stderr logging defaults for the CLI (`--log-level` / `--log-format` override them)."""
+
+    level: Literal["debug", "info", "warning", "error"] | None = None
+    """stderr level; default: warning (progress bars show the rest on a TTY; cron stays quiet)."""
     format: Literal["console", "json"] = "console"
     """stderr format; the per-batch JSONL file in the output folder is always JSON."""
 
@@ -256,10 +268,14 @@ class PricingConfig(_Model):
     """Cost estimates in CNY (§7); change them if your contract differs."""
 
     detect_per_image: Annotated[float, Field(ge=0)] = 0.004
+    """`liveportrait-detect`, per image (a `pass: false` answer is billed too)."""
     video_per_second: Annotated[float, Field(ge=0)] = 0.02
+    """`liveportrait`, per second of generated video."""
 
 
 class LimitsConfig(_Model):
+    """Bounds on waiting for the service."""
+
     task_timeout_s: Annotated[float, Field(gt=0, le=7 * 86400)] = 4 * 3600.0
     """Give up on a task not finished this long after submission (the service itself fails it after 3 h, §7)."""
     expected_realtime_factor: Annotated[float, Field(gt=0, le=100)] = 1.5
@@ -274,7 +290,8 @@ class BatchConfig(_Model):
     """Default audio for every item (wav/mp3, 1–180 s, < 15 MB): a path relative to the config, or an http(s) URL."""
     video: VideoParams = VideoParams()
     api: ApiConfig = ApiConfig()
-    storage: StorageConfig = FileServerStorageConfig()
+    storage: StorageConfig = DashScopeTempStorageConfig()
+    """Where the service fetches inputs from; DashScope's temporary storage needs no setup."""
     concurrency: ConcurrencyConfig = ConcurrencyConfig()
     output: OutputConfig = OutputConfig()
     state: StateConfig = StateConfig()

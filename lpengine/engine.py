@@ -38,7 +38,7 @@ from lpengine.errors import (
 from lpengine.logs import BatchLog, Redactor
 from lpengine.models import Item, ItemResult, ItemSpec, ItemState, RunReport, Stage
 from lpengine.orchestrator import Orchestrator
-from lpengine.plan import Namer, PlanProblem, iter_plan
+from lpengine.plan import Namer, PlanProblem, input_problems, iter_plan
 from lpengine.reports import write_reports
 from lpengine.stages.context import ProgressEvent, StageContext
 from lpengine.stages.upload import load_audio, prepare
@@ -128,6 +128,8 @@ class Engine:
 
     async def _open(self, stack: AsyncExitStack) -> None:
         config = self.config
+        if problems := input_problems(config):
+            raise ConfigError(problems)
         out = config.output_dir
         try:
             await anyio.Path(out).mkdir(parents=True, exist_ok=True)
@@ -282,7 +284,7 @@ class Engine:
 
     # -- public API -------------------------------------------------------------------------------------------
 
-    async def run(self, *, limit: int | None = None) -> RunReport:
+    async def run(self, *, limit: int | None = None, on_planned: Callable[[int], None] | None = None) -> RunReport:
         """Run the configured batch; returns the report (also written as report.json/.csv in the output folder).
 
         Raises `AuthError`/`QuotaError` when the account itself refuses work (after writing the report).
@@ -303,6 +305,8 @@ class Engine:
                 break
             count += 1
             batch.remaining += 1
+            if on_planned is not None:
+                on_planned(count)
             if isinstance(entry, PlanProblem):
                 done(_problem_item(entry, self.config.video))
                 continue

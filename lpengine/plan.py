@@ -89,6 +89,18 @@ class Namer:
         return name
 
 
+def input_problems(config: BatchConfig) -> list[str]:
+    """Inputs that cannot exist at all: a cron run must not "succeed" with zero items because of a typo."""
+    if config.inputs.images is not None:
+        pattern = config.inputs.images
+        root = config.resolve(pattern)
+        if not glob.has_magic(pattern) and not root.exists():
+            return [f"inputs.images: {root} does not exist; check the path (a folder or a glob like photos/*.jpg)"]
+    elif config.inputs.manifest is not None and not config.resolve(config.inputs.manifest).is_file():
+        return [f"inputs.manifest: {config.resolve(config.inputs.manifest)} not found; check the path"]
+    return []
+
+
 def _scan(config: BatchConfig, pattern: str) -> list[Path]:
     root = config.resolve(pattern)
     if root.is_dir():

@@ -21,11 +21,12 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -37,7 +38,6 @@ EXCLUDED_FIELDS = frozenset({("", "base_dir")})
 
 FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "inputs": "Where the images come from.",
-    "audio": "Default voice track for every item.",
     "video": "Video parameters sent with every task (a manifest row may override them per item).",
     "api": "How to reach DashScope.",
     "storage": "Where lpengine publishes the inputs so the service can fetch them (see docs/storage.md).",
@@ -53,7 +53,8 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "concurrency.detect": "Workers calling `liveportrait-detect` (paced by `api.rate_limits.detect_qps`).",
     "concurrency.submit": "Workers submitting `liveportrait` tasks (paced by `api.rate_limits.submit_qps`).",
     "concurrency.download": "Workers downloading finished videos.",
-    "logging.level": "Minimum level on stderr. Default: info on a terminal, warning otherwise (cron).",
+    "storage.backend": "Selects this backend.",
+    "logging.level": "Minimum level of the log lines written to stderr.",
     "pricing.detect_per_image": "CNY per `liveportrait-detect` call.",
     "pricing.video_per_second": "CNY per second of generated video.",
 }
@@ -62,7 +63,6 @@ FALLBACK_DESCRIPTIONS: dict[str, str] = {
 SECTION_NOTES: dict[str, str] = {
     "inputs": "Give exactly one of `images` or `manifest`.",
     "api": "`speedup` other than 1 is refused unless `emulator` is set or `base_url` is a loopback address.",
-    "storage": "Pick one backend with `backend:`; each backend accepts only its own keys.",
 }
 """Model-level rules (validators) that field docstrings cannot express; validator docstrings are added to these."""
 
@@ -95,6 +95,10 @@ config file's folder (the environment wins). They are never logged.
 | `OSS_ACCESS_KEY_ID` (or `AWS_ACCESS_KEY_ID`) | `storage.backend: s3` only |
 | `OSS_ACCESS_KEY_SECRET` (or `AWS_SECRET_ACCESS_KEY`) | `storage.backend: s3` only |
 """
+
+
+Anchors = dict[tuple[str, type[BaseModel]], str]
+"""(section path, model) → `#anchor` of its heading."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +135,25 @@ def _model_of(tp: Any) -> type[BaseModel] | None:
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
 def _models_in(tp: Any) -> list[type[BaseModel]]:
-    """The model classes a field can hold (one, several for a union, none for a scalar)."""
+    """The model classes a field can hold (one, several for a union, none for a scalar).
+
+    Models inside containers (`list[Model]`, `dict[str, Model]`) count too: their keys are documented the same way.
+    """
     tp, _ = _strip_annotated(tp)
     members = _union_members(tp)
     candidates = members if members is not None else [tp]
-    return [m for m in (_model_of(c) for c in candidates) if m is not None]
+    found: list[type[BaseModel]] = []
+    for candidate in candidates:
+        inner, _ = _strip_annotated(candidate)
+        if get_origin(inner) in _CONTAINERS:
+            found.extend(m for arg in get_args(inner) for m in _models_in(arg))
+        elif (model := _model_of(inner)) is not None:
+            found.append(model)
+    return list(dict.fromkeys(found))
 
 
 def _discriminator_tag(model: type[BaseModel], field: str) -> str:
@@ -163,6 +180,8 @@ _SCALARS: dict[Any, str] = {
     bool: "boolean",
     Path: "path",
     type(None): "null",
+    timedelta: "duration (seconds, or ISO 8601 such as PT1H)",
+    SecretStr: "secret string",
 }
 
 
@@ -184,9 +203,10 @@ def _type_name(tp: Any, link: str | None) -> str:
     origin = get_origin(tp)
     if origin in (list, tuple, set, frozenset):
         inner = get_args(tp)
-        return f"list of {_type_name(inner[0], None)}" if inner else "list"
+        return f"list of {_type_name(inner[0], link)}" if inner else "list"
     if origin is dict:
-        return "mapping"
+        inner = get_args(tp)
+        return f"mapping of {_type_name(inner[1], link)}" if len(inner) == 2 else "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -240,18 +260,19 @@ def _allowed(field: FieldInfo) -> str:
     choices = _literal_values(field.annotation)
     if choices:
         parts.append(", ".join(_code(_value(c)) for c in choices))
-    lower = upper = ""
+    lower: tuple[str, str] | None = None  # (operator, bound)
+    upper: tuple[str, str] | None = None
     strict = False
     other: list[str] = []
     for meta in _constraints(field):
         if isinstance(meta, annotated_types.Ge):
-            lower = f"{_value(meta.ge)} ≤"
+            lower = ("≥", _value(meta.ge))
         elif isinstance(meta, annotated_types.Gt):
-            lower = f"{_value(meta.gt)} <"
+            lower = (">", _value(meta.gt))
         elif isinstance(meta, annotated_types.Le):
-            upper = f"≤ {_value(meta.le)}"
+            upper = ("≤", _value(meta.le))
         elif isinstance(meta, annotated_types.Lt):
-            upper = f"< {_value(meta.lt)}"
+            upper = ("<", _value(meta.lt))
         elif isinstance(meta, annotated_types.MultipleOf):
             other.append(f"multiple of {_value(meta.multiple_of)}")
         elif isinstance(meta, annotated_types.MinLen):
@@ -260,8 +281,11 @@ def _allowed(field: FieldInfo) -> str:
             other.append(f"length ≤ {meta.max_length}")
         elif getattr(meta, "strict", None) is True:
             strict = True
-    if lower or upper:
-        parts.append(" ".join(p for p in (lower, "x", upper) if p))
+    if lower and upper:
+        flipped = {"≥": "≤", ">": "<"}[lower[0]]
+        parts.append(f"{lower[1]} {flipped} x {upper[0]} {upper[1]}")
+    elif (single := lower or upper) is not None:
+        parts.append(f"{single[0]} {single[1]}")
     parts.extend(other)
     if strict:
         base, _ = _strip_annotated(field.annotation)
@@ -271,8 +295,12 @@ def _allowed(field: FieldInfo) -> str:
     return "; ".join(parts)
 
 
+_SECTION_REF = re.compile(r"\s*\(§\d+\)|,\s*§\d+(?=\))")
+"""`(§7)` and `, §7)`: references to the API contract notes, which are not shipped with the docs."""
+
+
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return _SECTION_REF.sub("", " ".join(text.split()))
 
 
 def _cell(text: str) -> str:
@@ -281,6 +309,13 @@ def _cell(text: str) -> str:
 
 
 # -- the walk ----------------------------------------------------------------------------------------------------
+
+
+def key_of(name: str, field: FieldInfo) -> str:
+    """The key as written in YAML: the field's alias when it has one."""
+    if isinstance(field.validation_alias, str):
+        return field.validation_alias
+    return field.alias or name
 
 
 def _join(path: str, name: str) -> str:
@@ -310,8 +345,8 @@ def _root_model() -> type[BaseModel]:
     return BatchConfig
 
 
-def iter_sections() -> Iterator[Section]:
-    """Every model reachable from `BatchConfig`, depth-first in declaration order."""
+def iter_sections(root: type[BaseModel] | None = None) -> Iterator[Section]:
+    """Every model reachable from `root` (default `BatchConfig`), depth-first in declaration order."""
 
     def walk(path: str, model: type[BaseModel], variant: str | None, discriminator: str | None) -> Iterator[Section]:
         yield Section(path, _title(path, variant, discriminator), model, variant)
@@ -325,10 +360,10 @@ def iter_sections() -> Iterator[Section]:
                 tag = _discriminator_tag(member, disc) if disc else None
                 yield from walk(child, member, tag, disc)
 
-    yield from walk("", _root_model(), None, None)
+    yield from walk("", root or _root_model(), None, None)
 
 
-def _anchors(sections: list[Section]) -> dict[tuple[str, type[BaseModel]], str]:
+def _anchors(sections: list[Section]) -> Anchors:
     return {(s.path, s.model): "#" + _slug(s.title) for s in sections}
 
 
@@ -339,10 +374,7 @@ def _description(path: str, field: FieldInfo) -> str:
 def _default(field: FieldInfo, link: str | None, discriminator: str | None) -> str:
     if field.is_required():
         return "**required**"
-    if field.default_factory is not None:
-        value: Any = field.default_factory()  # type: ignore[call-arg]
-    else:
-        value = field.default
+    value = field.get_default(call_default_factory=True, validated_data={})
     if value is PydanticUndefined:
         return ""
     if isinstance(value, BaseModel):
@@ -352,9 +384,7 @@ def _default(field: FieldInfo, link: str | None, discriminator: str | None) -> s
     return _code(_value(value))
 
 
-def _field_row(
-    section: Section, name: str, field: FieldInfo, anchors: dict[tuple[str, type[BaseModel]], str]
-) -> str:
+def _field_row(section: Section, name: str, field: FieldInfo, anchors: Anchors) -> str:
     path = _join(section.path, name)
     disc = field.discriminator if isinstance(field.discriminator, str) else None
     members = _models_in(field.annotation)
@@ -368,7 +398,7 @@ def _field_row(
         type_text = _type_name(field.annotation, link)
         allowed = _allowed(field)
     description = _description(path, field)
-    cells = [_code(name), type_text, _default(field, link, disc), allowed, description]
+    cells = [_code(key_of(name, field)), type_text, _default(field, link, disc), allowed, description]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
@@ -381,11 +411,11 @@ def _validator_docs(model: type[BaseModel]) -> list[str]:
     return docs
 
 
-def _render_section(section: Section, anchors: dict[tuple[str, type[BaseModel]], str]) -> str:
+def _render_section(section: Section, anchors: Anchors) -> str:
     lines = [f"## {section.title}", ""]
     doc = section.model.__dict__.get("__doc__")
     intro = _one_line(doc) if doc else FALLBACK_DESCRIPTIONS.get(section.path, "")
-    notes = [n for n in (SECTION_NOTES.get(section.path, "") if section.variant is None else "",) if n]
+    notes = [SECTION_NOTES[section.path]] if section.path in SECTION_NOTES else []
     notes += _validator_docs(section.model)
     for paragraph in (intro, *notes):
         if paragraph:
@@ -402,7 +432,7 @@ def _render_section(section: Section, anchors: dict[tuple[str, type[BaseModel]],
     return "\n".join(lines)
 
 
-def _render_toc(sections: list[Section], anchors: dict[tuple[str, type[BaseModel]], str]) -> str:
+def _render_toc(sections: list[Section], anchors: Anchors) -> str:
     lines = ["## Sections", ""]
     for s in sections:
         depth = s.path.count(".") + (1 if s.path else 0)
@@ -411,9 +441,22 @@ def _render_toc(sections: list[Section], anchors: dict[tuple[str, type[BaseModel
     return "\n".join(lines) + "\n"
 
 
-def render() -> str:
+def iter_fields(root: type[BaseModel] | None = None) -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted path, field) for every documented field; a union's members share the path (`storage.bucket`)."""
+    for section in iter_sections(root):
+        for name, field in section.model.model_fields.items():
+            if (section.path, name) not in EXCLUDED_FIELDS:
+                yield _join(section.path, name), field
+
+
+def undocumented(root: type[BaseModel] | None = None) -> list[str]:
+    """Dotted paths of fields with neither an attribute docstring nor a fallback description."""
+    return sorted({path for path, field in iter_fields(root) if not _description(path, field)})
+
+
+def render(root: type[BaseModel] | None = None) -> str:
     """The whole of docs/configuration.md, deterministic."""
-    sections = list(iter_sections())
+    sections = list(iter_sections(root))
     anchors = _anchors(sections)
     if len(set(anchors.values())) != len(anchors):
         raise ValueError("two sections render to the same anchor; give them distinct titles")
@@ -432,13 +475,14 @@ def main(argv: list[str] | None = None) -> int:
         current = target.read_text(encoding="utf-8") if target.is_file() else ""
         if current == text:
             return 0
-        diff = difflib.unified_diff(
-            current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=1
+        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=1)
+        print(
+            f"{target} is out of date with lpengine/config.py; run python scripts/gen_config_docs.py", file=sys.stderr
         )
-        shown = list(diff)[:40]
-        print(f"{target} is out of date with lpengine/config.py; run python scripts/gen_config_docs.py", file=sys.stderr)
-        print("\n".join(shown), file=sys.stderr)
+        print("\n".join(list(diff)[:40]), file=sys.stderr)
         return 1
+    if missing := undocumented():
+        print(f"note: no description for {', '.join(missing)}; add attribute docstrings in lpengine/config.py")
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("w", encoding="utf-8", newline="\n") as fh:
         fh.write(text)

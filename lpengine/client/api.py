@@ -119,7 +119,10 @@ class DashScopeClient:
             total=self._config.request_timeout_s, sock_connect=self._config.connect_timeout_s
         )
         connector = aiohttp.TCPConnector(limit=0, ssl=self._config.verify_tls)
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False)
+        # trust_env: honour HTTPS_PROXY/NO_PROXY like botocore does for storage
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, connector=connector, raise_for_status=False, trust_env=True
+        )
         if not self._config.verify_tls:
             log.warning("tls.verification_disabled", base_url=self.base_url, hint="set api.verify_tls: true")
         return self

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from lpengine.models import ItemResult, RunReport
+from lpengine.reports.html_report import write_html_report
 
 __all__ = ["CSV_COLUMNS", "write_reports"]
 
@@ -47,8 +48,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_reports(report: RunReport, out_dir: Path) -> None:
-    """report.json (summary + one object per item) and report.csv (one row per item), written atomically."""
+def write_reports(report: RunReport, out_dir: Path, *, extra: dict[str, object] | None = None) -> None:
+    """report.json, report.csv and report.html in the output folder, each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"summary": report.summary(), "items": [r.to_dict() for r in report.items]}
     _atomic_write(out_dir / "report.json", json.dumps(payload, ensure_ascii=False, indent=1))
@@ -59,3 +60,4 @@ def write_reports(report: RunReport, out_dir: Path) -> None:
         for result in report.items:
             writer.writerow(_row(result))
     os.replace(tmp, out_dir / "report.csv")
+    write_html_report(report, out_dir, extra=extra)

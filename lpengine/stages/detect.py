@@ -24,7 +24,11 @@ async def detect(ctx: StageContext, item: Item) -> None:
         except (AuthError, QuotaError):
             raise  # account-level: the whole batch stops
         except ApiError as exc:
-            item.finish(ItemState.DETECT_FAILED, f"detect refused the image: {exc.code}: {exc.message}")
+            item.finish(
+                ItemState.DETECT_FAILED,
+                f"detect refused the image: {exc.code}: {exc.message}",
+                transient=exc.is_retryable,
+            )
             return
         except LPEngineError as exc:
             item.finish(ItemState.DETECT_FAILED, f"detect did not answer after retries: {exc}", transient=True)

@@ -14,7 +14,7 @@ import anyio
 
 from lpengine.client.api import DashScopeClient
 from lpengine.client.wire import UploadPolicy
-from lpengine.errors import ApiError, LPEngineError, StorageError
+from lpengine.errors import ApiError, AuthError, LPEngineError, QuotaError, StorageError
 from lpengine.storage.base import LocalFile, Published
 
 FILE_LIFETIME_S = 48 * 3600  # §8
@@ -63,6 +63,8 @@ class DashScopeTempStorage:
             if file.size > policy.max_file_size_mb * 1024 * 1024:
                 raise StorageError(f"{file.path}: larger than the temporary storage limit for {model}")
             url = await self._client.upload_temp(policy, file.path, f"{file.sha256}{file.suffix}")
+        except (AuthError, QuotaError):
+            raise  # the account itself refuses: stop the batch, don't fail items one by one
         except ApiError as exc:
             if exc.code == "AccessDenied" and "expired" in exc.message.lower():
                 self._policies.pop(model, None)  # refetch next time; the stage retries the item
