@@ -137,6 +137,9 @@ class Engine:
             raise ConfigError([f"output.dir: cannot create {out} ({exc.strerror}); choose a writable folder"]) from None
         if self._lock:
             stack.enter_context(BatchLock(config.state_path.with_suffix(".lock")))
+            # Holding the lock, nobody else writes here: partial downloads of a killed run can go.
+            for stale in await anyio.to_thread.run_sync(lambda: list(out.glob(".*.part"))):
+                await anyio.Path(stale).unlink(missing_ok=True)
         base_url, api_key = config.api.base_url, self._secrets.api_key
         if config.api.emulator is not None:
             from lpengine.emulator import EmulatorSettings, run_emulator

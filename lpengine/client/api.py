@@ -195,11 +195,14 @@ class DashScopeClient:
             )
         )
 
-    def _should_retry(self, exc: Exception) -> bool:
-        retry = is_retryable(exc)
-        if retry:
+    @staticmethod
+    def _should_retry(exc: Exception) -> bool:
+        return is_retryable(exc)
+
+    def _count(self, attempt: stamina.Attempt) -> None:
+        """Retries actually made (stamina also asks the hook after the last attempt, so count attempts instead)."""
+        if attempt.num > 1:
             self.retries += 1
-        return retry
 
     async def _call(
         self,
@@ -213,6 +216,7 @@ class DashScopeClient:
     ) -> dict[str, Any]:
         """An idempotent call: retried on retryable errors and on any network fault."""
         async for attempt in self._retrying():
+            self._count(attempt)
             with attempt:
                 try:
                     return await self._once(
@@ -255,6 +259,7 @@ class DashScopeClient:
         }
         headers = self._headers(async_call=True, resolve=_needs_resolve(image_url, audio_url))
         async for attempt in self._retrying():
+            self._count(attempt)
             with attempt:
                 sent_at = anyio.current_time()
                 try:
@@ -318,6 +323,7 @@ class DashScopeClient:
         data = await anyio.Path(path).read_bytes()
 
         async for attempt in self._retrying():
+            self._count(attempt)
             with attempt:
                 form = aiohttp.FormData()
                 form.add_field("OSSAccessKeyId", policy.oss_access_key_id)

@@ -48,7 +48,8 @@ class StageContext:
     url_lifetime: timedelta = timedelta(hours=2)
     window: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(4))
     audio: dict[str, AudioTrack] = field(default_factory=dict)
-    publish_locks: dict[tuple[str, str], anyio.Lock] = field(default_factory=dict)
+    locks: dict[tuple[str, str], anyio.Lock] = field(default_factory=dict)
+    """Per-content locks, so concurrent copies of one file publish or detect once."""
 
     @property
     def speedup(self) -> float:

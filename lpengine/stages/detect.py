@@ -1,45 +1,57 @@
 """Stage 2: the paid `liveportrait-detect` check (§2), at most once per image content, ever.
 
-Verdicts are cached in the state store by the image's hash, so a renamed copy or a re-run reuses them.
+Verdicts are cached in the state store by the image's hash, so a renamed copy or a re-run reuses them. A mark is
+committed before each call: if the process dies after the service answered but before the verdict was saved, the
+next run finds the mark, and rather than pay for the same check twice it lets the item go on to synthesis, whose own
+face check fails a faceless image (`InvalidImage.NoHumanFace`, §6) without producing a billed video.
 """
 
 from __future__ import annotations
 
 import time
 
+import anyio
+
 from lpengine.errors import ApiError, AuthError, LPEngineError, QuotaError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages.context import StageContext
 from lpengine.storage.base import DETECT_MODEL
+
+LOST_VERDICT = "detect answer lost in an interrupted run; not repeated (no double charge), synthesis checks the face"
 
 
 async def detect(ctx: StageContext, item: Item) -> None:
     item.stage = Stage.DETECT
     started = time.perf_counter()
     key = item.image.sha256 if item.image else item.spec.image
-    verdict = await ctx.store.detect_verdict(key)
-    if verdict is None:
-        try:
-            result = await ctx.api.detect(item.image_urls[DETECT_MODEL].url)
-        except (AuthError, QuotaError):
-            raise  # account-level: the whole batch stops
-        except ApiError as exc:
-            item.finish(
-                ItemState.DETECT_FAILED,
-                f"detect refused the image: {exc.code}: {exc.message}",
-                transient=exc.is_retryable,
-            )
-            return
-        except LPEngineError as exc:
-            item.finish(ItemState.DETECT_FAILED, f"detect did not answer after retries: {exc}", transient=True)
-            return
-        verdict = (result.passed, result.message)
-        item.detect_paid = True
-        await ctx.store.put_detect(key, *verdict)
+    # Copies of one image in a batch wait for the first one's verdict instead of paying again.
+    async with ctx.locks.setdefault(("detect", key), anyio.Lock()):
+        verdict = await ctx.store.detect_verdict(key)
+        if verdict is None:
+            await ctx.store.put_detect(key, None, "")  # write-ahead mark: the call below is billed
+            try:
+                result = await ctx.api.detect(item.image_urls[DETECT_MODEL].url)
+            except (AuthError, QuotaError):
+                raise  # account-level: the whole batch stops
+            except ApiError as exc:
+                await ctx.store.forget_detect(key)  # an error answer is not billed (no usage)
+                item.finish(
+                    ItemState.DETECT_FAILED,
+                    f"detect refused the image: {exc.code}: {exc.message}",
+                    transient=exc.is_retryable,
+                )
+                return
+            except LPEngineError as exc:
+                await ctx.store.forget_detect(key)  # retries ended in network faults: nothing was answered
+                item.finish(ItemState.DETECT_FAILED, f"detect did not answer after retries: {exc}", transient=True)
+                return
+            verdict = (result.passed, result.message)
+            item.detect_paid = True
+            await ctx.store.put_detect(key, *verdict)
     passed, message = verdict
-    item.detect_message = message
+    item.detect_message = message if passed is not None else LOST_VERDICT
     item.timings["detect"] = time.perf_counter() - started
-    if not passed:
+    if passed is False:
         item.finish(ItemState.DETECT_FAILED, message or "the service found no usable face")
         return
     await ctx.save(item)

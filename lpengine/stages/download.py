@@ -50,6 +50,13 @@ async def download(ctx: StageContext, item: Item) -> None:
         item.finish(ItemState.DOWNLOAD_FAILED, "the task succeeded without a video URL", transient=True)
         return
     target = _target(ctx, item)
+    if item.output_path == str(target) and await _already_there(target):
+        # killed after the rename but before the state said so: the file only appears whole (atomic rename)
+        item.output_size = (await anyio.Path(target).stat()).st_size
+        item.finish(ItemState.SUCCEEDED)
+        return
+    item.output_path = str(target)
+    await ctx.save(item)  # write-ahead: this path is the item's from now on, so a re-run recognises the file
     retry = ctx.config.api.retry
     try:
         async for attempt in stamina.retry_context(
@@ -76,6 +83,14 @@ async def download(ctx: StageContext, item: Item) -> None:
     item.output_size = size
     item.timings["download"] = time.perf_counter() - started
     item.finish(ItemState.SUCCEEDED)
+
+
+async def _already_there(target: Path) -> bool:
+    try:
+        await anyio.to_thread.run_sync(verify_mp4, target)
+    except MediaError:
+        return False
+    return True
 
 
 async def _fetch(ctx: StageContext, url: str, target: Path) -> int:

@@ -1,22 +1,26 @@
 """Stage 3: submit the `liveportrait` task (§3) — once per item, never twice by accident.
 
-The marker `submit_inflight_wall` is committed before the request leaves. If the answer is lost (timeout, reset,
-crash), the marker stays and `reconcile` looks for the task in the task list (§5) before anything is resent:
+Submits go out one at a time (the quota is 5 QPS and a submit takes a fraction of a second, so this costs no
+throughput) and the marker `submit_inflight_wall` is committed before each request leaves. So after any crash at
+most one send per run is unaccounted for, and runs are separated by their restart. If an answer is lost (timeout,
+reset, crash), the marker stays, and `reconcile` looks for the task in the task list (§5) before anything is resent:
 
-1. List this account's `liveportrait` tasks of the last 24 h (paged).
-2. Drop every task already claimed by an item of this batch (the store's `task_claims`).
-3. Map our send time onto the service clock, using the tasks we do know (their list `gmt_create` against the
-   local time we recorded when their id came back), and adopt the unclaimed task created closest after the send,
-   within the request timeout. Without any known task to calibrate, match by order instead: when the unclaimed
-   tasks are exactly as many as this batch's lost submits, the k-th oldest task belongs to the k-th oldest send.
-4. No candidate: the request never created a task, so submitting again is safe. Anything else that cannot be
-   matched one-to-one ends the item `submit_failed` rather than risk paying twice.
+0. If the store already binds a task to this item since the send (the crash fell between the claim and the item's
+   own save), that is the task.
+1. List this account's `liveportrait` tasks of the last 24 h (paged) and drop those claimed by this batch.
+2. Calibrate the service clock against ours from the tasks we do know (their `gmt_create` against the local time
+   their id came back; the latest-biased estimate is kept), and map every lost send of the batch onto it.
+3. Match lost sends and unclaimed tasks one to one, closest pairs first, a task only after its send and within the
+   request timeout. Without any known task to calibrate, match by order when the counts are equal.
+4. A send left without a task never created one, so submitting again is safe. Anything that cannot be matched
+   one-to-one ends the item `submit_failed` rather than risk paying twice.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
+
+import anyio
 
 from lpengine.client.wire import TaskListEntry
 from lpengine.errors import AmbiguousSubmitError, ApiError, AuthError, LPEngineError, QuotaError
@@ -31,6 +35,12 @@ async def submit(ctx: StageContext, item: Item) -> None:
     """Get the item a task id: adopt a reconciled one, or submit (bounded by `state.max_submit_attempts`)."""
     item.stage = Stage.SUBMIT
     started = time.perf_counter()
+    async with ctx.locks.setdefault(("submit", ""), anyio.Lock()):
+        await _submit_locked(ctx, item)
+    item.timings["submit"] = item.timings.get("submit", 0.0) + time.perf_counter() - started
+
+
+async def _submit_locked(ctx: StageContext, item: Item) -> None:
     if item.task_id is None and item.submit_inflight_wall is not None:
         await _adopt_or_clear(ctx, item)
     while item.task_id is None and item.state is None:
@@ -66,7 +76,6 @@ async def submit(ctx: StageContext, item: Item) -> None:
             item.finish(ItemState.SUBMIT_FAILED, f"no answer after retries: {exc}", transient=True)
             break
         await _claim(ctx, item, result.task_id)
-    item.timings["submit"] = item.timings.get("submit", 0.0) + time.perf_counter() - started
 
 
 async def _claim(ctx: StageContext, item: Item, task_id: str) -> None:
@@ -81,8 +90,12 @@ async def _claim(ctx: StageContext, item: Item, task_id: str) -> None:
 
 async def _adopt_or_clear(ctx: StageContext, item: Item) -> None:
     assert item.submit_inflight_wall is not None
+    own = await ctx.store.claimed_since(item.item_id, item.submit_inflight_wall)
+    if own is not None:  # claimed, then killed before the item itself was saved
+        await _claim(ctx, item, own)
+        return
     try:
-        found = await reconcile(ctx, item.submit_inflight_wall)
+        found = await reconcile(ctx, item.item_id, item.submit_inflight_wall)
     except AmbiguousSubmitError as exc:
         item.finish(ItemState.SUBMIT_FAILED, str(exc))
         return
@@ -95,8 +108,8 @@ async def _adopt_or_clear(ctx: StageContext, item: Item) -> None:
     await ctx.save(item)
 
 
-async def reconcile(ctx: StageContext, sent_wall: float) -> str | None:
-    """The task a lost submit created, or None if it created none. See the module docstring for the rule."""
+async def reconcile(ctx: StageContext, item_id: str, sent_wall: float) -> str | None:
+    """The task a lost submit of `item_id` created, or None if it created none (rules in the module docstring)."""
     entries: list[TaskListEntry] = []
     for page in range(1, _MAX_LIST_PAGES + 1):
         listing = await ctx.api.list_tasks(model_name="liveportrait", page_no=page, page_size=100)
@@ -104,31 +117,44 @@ async def reconcile(ctx: StageContext, sent_wall: float) -> str | None:
         if page * listing.page_size >= listing.total or not listing.entries:
             break
     known = await ctx.store.claim_times()
+    unclaimed = [e for e in entries if e.task_id not in known and e.gmt_create_ms is not None]
+    if not unclaimed:
+        return None
+    lost = dict(await ctx.store.inflight_submits())
+    lost[item_id] = sent_wall
+    # Each known task was created before its id came back, so every estimate is late; the largest is the closest.
     offsets = [
-        e.gmt_create_ms / 1000 - ctx.speedup * known[e.task_id]
+        (e.gmt_create_ms or 0) / 1000 - ctx.speedup * known[e.task_id]
         for e in entries
         if e.task_id in known and e.gmt_create_ms is not None
     ]
-    unclaimed = [e for e in entries if e.task_id not in known]
-    if not unclaimed:
-        return None
     if not offsets:
-        lost = sorted(wall for _, wall in await ctx.store.inflight_submits())
-        if len(unclaimed) == len(lost) and sent_wall in lost:
-            ordered = sorted(unclaimed, key=lambda e: (e.gmt_create_ms or 0, e.task_id))
-            return ordered[lost.index(sent_wall)].task_id
-        raise AmbiguousSubmitError(
-            f"a submit's answer was lost and {len(unclaimed)} unclaimed tasks exist on the account with no way to "
-            "tell which is ours; not resubmitting to avoid paying twice (check the console, then re-run)",
-            sent_at=sent_wall,
-        )
-    expected = statistics.median(offsets) + ctx.speedup * sent_wall
-    slack = ctx.speedup * (ctx.config.api.request_timeout_s + 5.0)
-    candidates = [
-        e
+        if len(unclaimed) != len(lost):
+            raise AmbiguousSubmitError(
+                f"a submit's answer was lost and {len(unclaimed)} unclaimed task(s) exist for {len(lost)} lost "
+                "send(s), with no way to tell which is ours; not resubmitting to avoid paying twice "
+                "(check the console, then re-run)",
+                sent_at=sent_wall,
+            )
+        tasks = sorted(unclaimed, key=lambda e: (e.gmt_create_ms or 0, e.task_id))
+        sends = sorted(lost, key=lambda iid: lost[iid])
+        return tasks[sends.index(item_id)].task_id
+    base = max(offsets)
+    early = ctx.speedup * 2.0  # clock calibration slop
+    late = ctx.speedup * (ctx.config.api.request_timeout_s + 5.0)
+    pairs = sorted(
+        (abs(diff), iid, e.task_id)
+        for iid, wall in lost.items()
         for e in unclaimed
-        if e.gmt_create_ms is not None and expected - slack <= e.gmt_create_ms / 1000 <= expected + slack
-    ]
-    if not candidates:
-        return None
-    return min(candidates, key=lambda e: abs((e.gmt_create_ms or 0) / 1000 - expected)).task_id
+        if -early <= (diff := (e.gmt_create_ms or 0) / 1000 - (base + ctx.speedup * wall)) <= late
+    )
+    taken_items: set[str] = set()
+    taken_tasks: set[str] = set()
+    for _, iid, task_id in pairs:
+        if iid in taken_items or task_id in taken_tasks:
+            continue
+        if iid == item_id:
+            return task_id
+        taken_items.add(iid)
+        taken_tasks.add(task_id)
+    return None

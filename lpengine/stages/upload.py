@@ -112,7 +112,7 @@ async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
     """Publish once per (content, model) per batch — and across runs for durable backends."""
     backend = ctx.storage.name
     durable = bool(getattr(ctx.storage, "durable", False))
-    lock = ctx.publish_locks.setdefault((file.sha256, model), anyio.Lock())
+    lock = ctx.locks.setdefault((file.sha256, model), anyio.Lock())
     async with lock:
         needed_until = time.time() + ctx.url_lifetime.total_seconds()
         if durable:

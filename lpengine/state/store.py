@@ -36,7 +36,7 @@ CREATE INDEX IF NOT EXISTS items_task ON items(task_id);
 CREATE INDEX IF NOT EXISTS items_output ON items(output_name);
 CREATE TABLE IF NOT EXISTS detect_cache (
     image_sha TEXT PRIMARY KEY,
-    passed    INTEGER NOT NULL,
+    passed    INTEGER,
     message   TEXT NOT NULL,
     at        REAL NOT NULL
 );
@@ -81,12 +81,14 @@ class StateStore(Protocol):
 
     async def get(self, item_id: str) -> StoredItem | None: ...
     async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None: ...
-    async def detect_verdict(self, image_sha: str) -> tuple[bool, str] | None: ...
-    async def put_detect(self, image_sha: str, passed: bool, message: str) -> None: ...
+    async def detect_verdict(self, image_sha: str) -> tuple[bool | None, str] | None: ...
+    async def put_detect(self, image_sha: str, passed: bool | None, message: str) -> None: ...
+    async def forget_detect(self, image_sha: str) -> None: ...
     async def upload(self, sha: str, model: str, backend: str) -> StoredUpload | None: ...
     async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None: ...
     async def claim_task(self, task_id: str, item_id: str, wall: float) -> bool: ...
     async def claim_times(self) -> dict[str, float]: ...
+    async def claimed_since(self, item_id: str, wall: float) -> str | None: ...
     async def inflight_submits(self) -> list[tuple[str, float]]: ...
     async def created_keys(self) -> list[str]: ...
     def items(self) -> AsyncIterator[StoredItem]: ...
@@ -155,16 +157,23 @@ class SqliteStateStore:
             ),
         )
 
-    async def detect_verdict(self, image_sha: str) -> tuple[bool, str] | None:
+    async def detect_verdict(self, image_sha: str) -> tuple[bool | None, str] | None:
+        """None: never asked. (None, _): asked, but the answer was lost in a crash (the call may be billed)."""
         async with self.db.execute("SELECT passed, message FROM detect_cache WHERE image_sha = ?", (image_sha,)) as cur:
             row = await cur.fetchone()
-        return (bool(row[0]), str(row[1])) if row else None
+        if row is None:
+            return None
+        return (None if row[0] is None else bool(row[0]), str(row[1]))
 
-    async def put_detect(self, image_sha: str, passed: bool, message: str) -> None:
+    async def put_detect(self, image_sha: str, passed: bool | None, message: str) -> None:
+        """`passed=None` is the write-ahead mark committed before the paid call."""
         await self._write(
             "INSERT OR REPLACE INTO detect_cache (image_sha, passed, message, at) VALUES (?, ?, ?, ?)",
-            (image_sha, int(passed), message, time.time()),
+            (image_sha, None if passed is None else int(passed), message, time.time()),
         )
+
+    async def forget_detect(self, image_sha: str) -> None:
+        await self._write("DELETE FROM detect_cache WHERE image_sha = ?", (image_sha,))
 
     async def upload(self, sha: str, model: str, backend: str) -> StoredUpload | None:
         async with self.db.execute(
@@ -209,6 +218,15 @@ class SqliteStateStore:
     async def claim_times(self) -> dict[str, float]:
         async with self.db.execute("SELECT task_id, claimed_wall FROM task_claims") as cur:
             return {str(r[0]): float(r[1]) for r in await cur.fetchall()}
+
+    async def claimed_since(self, item_id: str, wall: float) -> str | None:
+        """The task this item claimed at or after `wall` (a crash can fall between the claim and the item's save)."""
+        async with self.db.execute(
+            "SELECT task_id FROM task_claims WHERE item_id = ? AND claimed_wall >= ? ORDER BY claimed_wall DESC",
+            (item_id, wall),
+        ) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else None
 
     async def inflight_submits(self) -> list[tuple[str, float]]:
         """Items whose submit was sent but whose answer never arrived, with the local send time."""

@@ -52,14 +52,16 @@ class World:
 
 @pytest.fixture
 async def world() -> AsyncIterator[World]:
-    settings = EmulatorSettings(api_keys=[KEY], speedup=200.0, seed=7)
+    # Real-time pace, so task states only move when a test calls advance(): deterministic, and still fast
+    # because each test makes a handful of requests.
+    settings = EmulatorSettings(api_keys=[KEY], speedup=1.0, seed=7)
     async with run_emulator(settings) as emu, FileServerStorage(FileServerStorageConfig()) as files:
         yield World(emu, files)
 
 
 async def test_detect_pass_and_fail_are_results(world: World, portraits: list[Path]) -> None:
     """§2: pass:false is HTTP 200 and a result, not an exception."""
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         good = await client.detect(await world.url(portraits[0]))
         bad = await client.detect(await world.url(portraits[-1]))
     assert good.passed and good.message == "" and good.request_id
@@ -69,7 +71,7 @@ async def test_detect_pass_and_fail_are_results(world: World, portraits: list[Pa
 async def test_task_lifecycle_one_running_at_a_time_and_expiry(world: World, portraits: list[Path]) -> None:
     """Submit three tasks: one RUNNING, the rest PENDING; all succeed; URL and task expire (§4, §7)."""
     audio = await world.url(VOICE)
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         ids = [
             (await client.submit(await world.url(p), audio, VideoParams(template_id="calm"))).task_id
             for p in portraits[:3]
@@ -100,7 +102,7 @@ async def test_task_lifecycle_one_running_at_a_time_and_expiry(world: World, por
 async def test_cancel_only_while_pending(world: World, portraits: list[Path]) -> None:
     """§5: cancel works on PENDING and answers UnsupportedOperation otherwise."""
     audio = await world.url(VOICE)
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         first = await client.submit(await world.url(portraits[0]), audio, VideoParams())
         second = await client.submit(await world.url(portraits[1]), audio, VideoParams())
         assert await client.cancel_task(second.task_id) is True
@@ -113,7 +115,7 @@ async def test_cancel_only_while_pending(world: World, portraits: list[Path]) ->
 async def test_failed_task_is_a_result(world: World, portraits: list[Path]) -> None:
     """A FAILED task carries code and message in the answer (HTTP 200)."""
     world.emu.set_faults(FaultSettings(rules=[FaultRule(match="", action="fail_task", code="InternalError.Algo")]))
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         task = await client.submit(await world.url(portraits[0]), await world.url(VOICE), VideoParams())
         world.emu.advance(30)
         info = await client.get_task(task.task_id)
@@ -153,17 +155,17 @@ async def test_retryable_errors_are_retried_within_bounds(
             ]
         )
     )
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         result = await client.detect(await world.url(portraits[0]))
         assert result.passed
         assert client.retries == 2
         meter = client.budget.meter("detect").stats()
-        assert meter.throttled == 1 and meter.current_qps < 5 * 200
+        assert meter.throttled == 1 and meter.current_qps < 5
     assert world.emu.stats().requests["detect"] == 3
     world.emu.set_faults(
         FaultSettings(rules=[FaultRule(match="", endpoint="detect", action="error", code="Throttling")])
     )
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         with pytest.raises(RateLimitedError):
             await client.detect(await world.url(portraits[0]))
         assert client.retries == 3  # attempts=4: bounded
@@ -174,7 +176,7 @@ async def test_lost_submit_answer_is_ambiguous_and_never_resent(
 ) -> None:
     """A dropped connection after the service accepted the task raises AmbiguousSubmitError, no second submit."""
     world.emu.set_faults(FaultSettings(rules=[FaultRule(match="", action="lose_submit_response", times=1)]))
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         with pytest.raises(AmbiguousSubmitError):
             await client.submit(await world.url(portraits[0]), await world.url(VOICE), VideoParams())
         listing = await client.list_tasks()
@@ -187,17 +189,19 @@ async def test_dropped_connections_on_idempotent_calls_are_retried(
     world: World, portraits: list[Path], fast_retries: None
 ) -> None:
     """Network faults on queries are retried transparently."""
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         task = await client.submit(await world.url(portraits[0]), await world.url(VOICE), VideoParams())
         world.emu.set_faults(FaultSettings(rules=[FaultRule(match="", endpoint="task", action="drop", times=2)]))
         info = await client.get_task(task.task_id)
         assert info.task_id == task.task_id
-        assert client.retries == 2
+        # aiohttp itself retries a GET once on a dropped keep-alive connection; ours covers the rest
+        assert 1 <= client.retries <= 2
+    assert world.emu.stats().requests["task"] == 3
 
 
 async def test_temporary_upload_flow(world: World, portraits: list[Path]) -> None:
     """§8: getPolicy + form upload gives an oss:// URL usable with the resolve header for its model only."""
-    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url, speedup=200) as client:
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
         policy = await client.get_upload_policy("liveportrait-detect")
         url = await client.upload_temp(policy, portraits[0], "face.png")
         assert url.startswith("oss://")

@@ -1,0 +1,146 @@
+"""Durability: killed runs resume without paying twice or losing a result; overlapping runs are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lpengine.media import verify_mp4
+from lpengine.state.lock import BatchLock
+
+KEY = "sk-test-durability-0123456789"
+VOICE = Path(__file__).resolve().parents[2] / "lpengine" / "assets" / "voice.wav"
+SPEEDUP = 400
+
+
+@pytest.fixture(scope="module")
+def emulator_url() -> Iterator[str]:
+    """The emulator as its own process, as a user would run it; tests read its stats over HTTP."""
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lpengine", "emulator", "--port", "0", "--speedup", str(SPEEDUP),
+         "--video", "stub", "--detector", "rule", "--seed", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    assert proc.stdout is not None
+    url = ""
+    for line in proc.stdout:
+        if "http://127.0.0.1:" in line:
+            url = line[line.index("http://127.0.0.1:"):].split()[0].rstrip("/")
+            break
+    assert url, "emulator did not print its URL"
+    yield url if url.endswith("/api/v1") else f"{url}/api/v1"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def emulator_stats(base_url: str) -> dict[str, object]:
+    root = base_url.removesuffix("/api/v1")
+    with urllib.request.urlopen(f"{root}/_emulator/stats", timeout=10) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read())
+
+
+def emulator_reset(base_url: str) -> None:
+    root = base_url.removesuffix("/api/v1")
+    req = urllib.request.Request(f"{root}/_emulator/reset", method="POST")
+    with urllib.request.urlopen(req, timeout=10):  # noqa: S310 - loopback only
+        pass
+
+
+def batch(tmp_path: Path, base_url: str, n: int) -> Path:
+    from lpengine.demo_assets import make_portraits
+
+    make_portraits(tmp_path / "photos", n)
+    (tmp_path / "batch.yaml").write_text(
+        f"""
+inputs:
+  images: photos
+audio: {VOICE}
+api:
+  base_url: {base_url}
+  speedup: {SPEEDUP}
+  retry:
+    initial_wait_s: 0.01
+    max_wait_s: 0.05
+concurrency:
+  submit_window: 4
+output:
+  dir: out
+"""
+    )
+    return tmp_path / "batch.yaml"
+
+
+def run_cli(config: Path, *, kill_after_lines: int | None = None) -> int | None:
+    """Run `lpengine run`; optionally SIGKILL it after it has logged N events (None = let it finish)."""
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lpengine", "run", str(config), "--log-format", "json", "--log-level", "debug"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    assert proc.stderr is not None
+    seen = 0
+    for _ in proc.stderr:
+        seen += 1
+        if kill_after_lines is not None and seen >= kill_after_lines:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.stderr.close()
+    return proc.wait(timeout=120)
+
+
+@pytest.mark.slow
+def test_random_kills_then_resume_pay_once_and_lose_nothing(tmp_path: Path, emulator_url: str) -> None:
+    """100 items, SIGKILLed at 10 seeded moments and resumed each time: every item succeeds, no image is detected
+    or submitted twice, and no partial or corrupt file is left."""
+    emulator_reset(emulator_url)
+    config = batch(tmp_path, emulator_url, 100)
+    rng = random.Random(20261125)
+    kills = 0
+    for _ in range(10):
+        code = run_cli(config, kill_after_lines=rng.randint(5, 50))
+        kills += code == -signal.SIGKILL
+    assert kills >= 8  # the batch is long enough that (nearly) every run is killed mid-flight
+    assert run_cli(config) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["summary"]["counts"] == {"succeeded": 100}
+    stats = emulator_stats(emulator_url)
+    submissions = stats["submissions_per_image"]
+    detects = stats["detect_per_image"]
+    assert isinstance(submissions, dict) and isinstance(detects, dict)
+    assert len(submissions) == 100 and set(submissions.values()) == {1}, "an image was submitted twice"
+    assert set(detects.values()) == {1}, "an image was detected twice"
+    # A detect whose answer died with the process is not repeated (synthesis checks the face itself): at most one
+    # per detect worker per kill goes unchecked, and none is paid twice.
+    assert len(detects) >= 100 - 4 * kills
+    out = tmp_path / "out"
+    videos = sorted(out.glob("*.mp4"))
+    assert len(videos) == 100
+    for video in videos:
+        verify_mp4(video)
+    assert not [p for p in out.iterdir() if p.name.endswith(".part")]
+
+
+def test_second_run_of_the_same_batch_exits_at_once(tmp_path: Path, emulator_url: str) -> None:
+    """While a run holds the batch lock, another run exits with code 3 and a clear message, doing nothing."""
+    config = batch(tmp_path, emulator_url, 1)
+    lock_path = tmp_path / "out" / ".lpengine" / "state.lock"
+    with BatchLock(lock_path):
+        env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+        proc = subprocess.run(
+            [sys.executable, "-m", "lpengine", "run", str(config)],
+            capture_output=True, text=True, env=env, timeout=60, check=False,
+        )
+    assert proc.returncode == 3
+    assert "another run of this batch is in progress" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").glob("*.mp4"))
