@@ -1,8 +1,9 @@
 """Structured logs: the per-batch JSONL file the engine writes, and the stderr setup only the CLI applies.
 
 The library never configures global logging (it may live inside someone else's service). Each engine writes its
-own JSONL file through a private structlog logger, and also emits the same events to `structlog.get_logger`, which
-the host application (or `lpengine.cli`) renders as it likes. Every event passes through `redact`, so a secret that
+own JSONL file through a private structlog logger, and forwards the same events to the host's logging: to
+`structlog.get_logger("lpengine")` when the host (or `lpengine.cli`) configured structlog, otherwise to the stdlib
+logger `lpengine`, whose default shows only warnings — an unconfigured structlog would print debug lines to stdout. Every event passes through `redact`, so a secret that
 slipped into a message is masked before it reaches any sink.
 """
 
@@ -68,12 +69,18 @@ class BatchLog:
             ],
         )
         self._redactor = redactor
-        self._forward = structlog.get_logger("lpengine")
+        self._stdlib = logging.getLogger("lpengine")
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
         getattr(self._file_logger, level)(event, **fields)
         clean = self._redactor(None, level, dict(fields))
-        getattr(self._forward, level)(event, **clean)
+        if structlog.is_configured():
+            getattr(structlog.get_logger("lpengine"), level)(event, **clean)
+        else:
+            numeric = logging.getLevelName(level.upper())
+            if self._stdlib.isEnabledFor(numeric):
+                details = " ".join(f"{k}={v}" for k, v in clean.items() if v not in (None, ""))
+                self._stdlib.log(numeric, "%s %s", event, details)
 
     def close(self) -> None:
         if self._file is not None:

@@ -27,15 +27,32 @@ def emulator_url() -> Iterator[str]:
     """The emulator as its own process, as a user would run it; tests read its stats over HTTP."""
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lpengine", "emulator", "--port", "0", "--speedup", str(SPEEDUP),
-         "--video", "stub", "--detector", "rule", "--seed", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "lpengine",
+            "emulator",
+            "--port",
+            "0",
+            "--speedup",
+            str(SPEEDUP),
+            "--video",
+            "stub",
+            "--detector",
+            "rule",
+            "--seed",
+            "5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
     )
     assert proc.stdout is not None
     url = ""
     for line in proc.stdout:
         if "http://127.0.0.1:" in line:
-            url = line[line.index("http://127.0.0.1:"):].split()[0].rstrip("/")
+            url = line[line.index("http://127.0.0.1:") :].split()[0].rstrip("/")
             break
     assert url, "emulator did not print its URL"
     yield url if url.endswith("/api/v1") else f"{url}/api/v1"
@@ -45,14 +62,14 @@ def emulator_url() -> Iterator[str]:
 
 def emulator_stats(base_url: str) -> dict[str, object]:
     root = base_url.removesuffix("/api/v1")
-    with urllib.request.urlopen(f"{root}/_emulator/stats", timeout=10) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(f"{root}/_emulator/stats", timeout=10) as resp:
         return json.loads(resp.read())
 
 
 def emulator_reset(base_url: str) -> None:
     root = base_url.removesuffix("/api/v1")
     req = urllib.request.Request(f"{root}/_emulator/reset", method="POST")
-    with urllib.request.urlopen(req, timeout=10):  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=10):
         pass
 
 
@@ -85,12 +102,13 @@ def run_cli(config: Path, *, kill_after_lines: int | None = None) -> int | None:
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lpengine", "run", str(config), "--log-format", "json", "--log-level", "debug"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     assert proc.stderr is not None
-    seen = 0
-    for _ in proc.stderr:
-        seen += 1
+    for seen, _ in enumerate(proc.stderr, start=1):
         if kill_after_lines is not None and seen >= kill_after_lines:
             proc.send_signal(signal.SIGKILL)
             break
@@ -138,7 +156,11 @@ def test_second_run_of_the_same_batch_exits_at_once(tmp_path: Path, emulator_url
         env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
         proc = subprocess.run(
             [sys.executable, "-m", "lpengine", "run", str(config)],
-            capture_output=True, text=True, env=env, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
         )
     assert proc.returncode == 3
     assert "another run of this batch is in progress" in proc.stderr

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 from PIL import Image
 
@@ -125,7 +126,7 @@ async def test_mixed_batch_every_item_in_the_right_state(
     assert sum(stats.throttled.values()) == 0
     assert all(n == 1 for n in stats.detect_per_image.values())
     assert len(stats.detect_per_image) == 46
-    submitted = {h: n for h, n in stats.submissions_per_image.items()}
+    submitted = dict(stats.submissions_per_image)
     assert sum(submitted.values()) == 42 + 2  # each passed image once, the two retryable failures twice
     assert all(submitted[sha(p)] == 2 for p in retry_once)
 
@@ -161,11 +162,14 @@ async def test_rerun_pays_nothing_for_finished_work(
     assert after.result_downloads == before.result_downloads
 
 
-async def test_process_one_item_from_a_service(tmp_path: Path, dataset: dict[str, list[Path]], emulator: object) -> None:
+async def test_process_one_item_from_a_service(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
     """`engine.process()` feeds one item and returns its result while the engine stays open."""
     config = load_config(make_batch(tmp_path, {"faces": [], "non_faces": [], "bad": []}, emulator.base_url))  # type: ignore[attr-defined]
     async with Engine(config, api_key=KEY) as engine:
         first = await engine.process(dataset["faces"][0])
         second = await engine.process(dataset["non_faces"][0], output_name="cat")
-    assert first.state is ItemState.SUCCEEDED and first.output and Path(first.output).exists()
+    assert first.state is ItemState.SUCCEEDED and first.output
+    assert await anyio.Path(first.output).exists()
     assert second.state is ItemState.DETECT_FAILED and second.detect_message
