@@ -305,3 +305,23 @@ def emulator(
     except ValidationError as exc:
         raise _fail([f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()], EXIT_CONFIG) from None
     _run_async(lambda: serve_forever(settings))
+
+
+@app.command()
+def check(config: ConfigArg) -> None:
+    """Check the environment before spending money: key, endpoint, storage round trip, audio, disk. Exit 0 if all pass.
+
+    Example: lpengine check configs/batch.yaml
+    """
+    from lpengine.doctor import run_checks
+
+    logs.configure(level="error")
+    cfg = _load(config)
+    results = _run_async(lambda: run_checks(cfg))
+    width = max(len(c.name) for c in results)
+    for c in results:
+        mark = "✓" if c.ok else "✗"
+        typer.echo(f"{mark} {c.name:<{width}}  {c.detail}")
+        if not c.ok and c.fix:
+            typer.echo(f"  {'':<{width}}  → {c.fix}")
+    raise typer.Exit(EXIT_OK if all(c.ok for c in results) else EXIT_FAILED)
