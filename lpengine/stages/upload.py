@@ -120,19 +120,11 @@ async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
             if cached is not None and cached.expires_at > needed_until:
                 return Published(cached.url, cached.needs_resolve_header, None)
         published = await ctx.storage.publish(file, model=model, valid_for=ctx.url_lifetime)
-        if durable:
-            lifetime = float(getattr(ctx.storage, "lifetime_s", ctx.url_lifetime.total_seconds() * ctx.speedup))
-            await ctx.store.put_upload(
-                file.sha256,
-                model,
-                backend,
-                StoredUpload(
-                    published.url,
-                    published.needs_resolve_header,
-                    time.time() + ctx.local_seconds(lifetime),
-                    published.created_key,
-                ),
+        if durable and published.lifetime_s is not None:
+            stored = StoredUpload(
+                published.url, published.needs_resolve_header, time.time() + published.lifetime_s, published.created_key
             )
+            await ctx.store.put_upload(file.sha256, model, backend, stored)
         return published
 
 

@@ -185,8 +185,11 @@ class SqliteStateStore:
 
     async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None:
         await self._write(
-            "INSERT OR REPLACE INTO uploads (sha, model, backend, url, resolve, expires_at, created_key) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            # a later publish that found the object already there must not forget that this batch created it
+            "INSERT INTO uploads (sha, model, backend, url, resolve, expires_at, created_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sha, model, backend) DO UPDATE SET url=excluded.url, "
+            "resolve=excluded.resolve, expires_at=excluded.expires_at, "
+            "created_key=COALESCE(excluded.created_key, uploads.created_key)",
             (
                 sha,
                 model,

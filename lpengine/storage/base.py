@@ -36,6 +36,8 @@ class Published:
     needs_resolve_header: bool = False
     # Object key this batch created (for clean-up); None when nothing was created (dedupe hit, pass-through).
     created_key: str | None = None
+    # How long (local seconds) the URL stays usable, for durable backends whose URLs a re-run may reuse.
+    lifetime_s: float | None = None
 
 
 class Storage(Protocol):

@@ -25,7 +25,6 @@ class DashScopeTempStorage:
     name = "dashscope_temp"
     durable = True
     model_bound = True  # §8: a file works only with the model it was uploaded for
-    lifetime_s = FILE_LIFETIME_S
 
     def __init__(self, client: DashScopeClient, *, speedup: float = 1.0) -> None:
         self._client = client
@@ -75,7 +74,7 @@ class DashScopeTempStorage:
             if isinstance(exc, StorageError):
                 raise
             raise StorageError(f"temporary upload failed: {exc}", retryable=True) from None
-        return Published(url=url, needs_resolve_header=True)
+        return Published(url=url, needs_resolve_header=True, lifetime_s=FILE_LIFETIME_S / self._speedup)
 
     async def cleanup(self, keys: list[str]) -> int:
         return 0  # files expire by themselves after 48 h and cannot be deleted (§8)

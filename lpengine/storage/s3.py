@@ -246,7 +246,9 @@ class S3Storage:
         if valid_for + timedelta(seconds=self._config.url_margin_s) > MAX_URL_LIFETIME:
             log.warning("storage.s3.url_lifetime_capped", key=key, wanted_s=valid_for.total_seconds())
         url = await self._presign(key, self.url_lifetime(valid_for))
-        return Published(url=url, created_key=key if created else None)
+        return Published(
+            url=url, created_key=key if created else None, lifetime_s=self.url_lifetime(valid_for).total_seconds()
+        )
 
     async def cleanup(self, keys: list[str]) -> int:
         """Delete exactly `keys`, one DeleteObject each with bounded concurrency.
