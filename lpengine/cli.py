@@ -80,7 +80,9 @@ def _run_async(main: Callable[[], Awaitable[T]]) -> T:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
-async def _with_signals(engine: Engine, body: Callable[[], Awaitable[T]]) -> tuple[T | None, bool]:
+async def _with_signals(
+    engine: Engine, body: Callable[[], Awaitable[T]], *, cancel_pending: bool = False
+) -> tuple[T | None, bool]:
     interrupted = False
 
     async def watch(scope: anyio.CancelScope) -> None:
@@ -95,7 +97,7 @@ async def _with_signals(engine: Engine, body: Callable[[], Awaitable[T]]) -> tup
                     "(signal again to exit at once)",
                     err=True,
                 )
-                engine.stop()
+                engine.stop(cancel_pending=cancel_pending)
 
     result: T | None = None
     async with anyio.create_task_group() as tg:
@@ -130,16 +132,28 @@ def run(
     progress_interval: Annotated[
         float | None, typer.Option("--progress-interval", help="Off a TTY: print a JSON progress line every N s.")
     ] = None,
+    cancel_pending: Annotated[
+        bool, typer.Option("--cancel-pending", help="On SIGINT/SIGTERM also withdraw tasks still queued (PENDING).")
+    ] = False,
 ) -> None:
-    """Run a batch: upload → detect → submit → poll → download, then write the reports."""
-    _setup_logging(log_format, log_level)
+    """Run a batch: upload → detect → submit → poll → download, then write the reports.
+
+    Examples: lpengine run configs/batch.yaml --dry-run · lpengine run configs/batch.yaml --limit 10
+    """
     cfg = _load(config, output)
     log_format, log_level = _setup_logging(log_format, log_level, cfg)
     if dry_run:
         raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))
     raise typer.Exit(
         _run_async(
-            lambda: _run(cfg, limit, log_format=log_format, log_level=log_level, progress_interval=progress_interval)
+            lambda: _run(
+                cfg,
+                limit,
+                log_format=log_format,
+                log_level=log_level,
+                progress_interval=progress_interval,
+                cancel_pending=cancel_pending,
+            )
         )
     )
 
@@ -151,6 +165,7 @@ async def _run(
     log_format: str,
     log_level: str,
     progress_interval: float | None = None,
+    cancel_pending: bool = False,
 ) -> int:
     state = ProgressState()
     try:
@@ -160,14 +175,18 @@ async def _run(
                     # logs must go through the live display, or they would tear the bars apart
                     logs.configure(fmt=log_format, level=log_level, stream=bars.log_stream)
                     report, interrupted = await _with_signals(
-                        engine, lambda: engine.run(limit=limit, on_planned=bars.set_total)
+                        engine,
+                        lambda: engine.run(limit=limit, on_planned=bars.set_total),
+                        cancel_pending=cancel_pending,
                     )
             else:
                 async with anyio.create_task_group() as tg:
                     if progress_interval:  # cron output stays quiet unless asked (docs/cron.md)
                         tg.start_soon(JsonProgress(state, sys.stderr).run, progress_interval)
                     report, interrupted = await _with_signals(
-                        engine, lambda: engine.run(limit=limit, on_planned=state.set_total)
+                        engine,
+                        lambda: engine.run(limit=limit, on_planned=state.set_total),
+                        cancel_pending=cancel_pending,
                     )
                     tg.cancel_scope.cancel()
     except BatchLockedError as exc:

@@ -102,6 +102,8 @@ class Engine:
         self._intake: MemoryObjectSendStream[Item] | None = None
         self._ctx: StageContext | None = None
         self._pipeline_scope = anyio.CancelScope()
+        self._orchestrator: Orchestrator | None = None
+        self._cancel_pending = False
         self._inflight: dict[int, Item] = {}
         self._waiters: dict[int, Callable[[Item], None]] = {}
         self._fatal: LPEngineError | None = None
@@ -234,15 +236,18 @@ class Engine:
         return self._ctx
 
     async def _pipeline(self, intake: MemoryObjectReceiveStream[Item], results: MemoryObjectSendStream[Item]) -> None:
+        self._orchestrator = Orchestrator(self.ctx)
         try:
             with self._pipeline_scope:
-                await Orchestrator(self.ctx).run(intake, results)
+                await self._orchestrator.run(intake, results)
         except* (AuthError, QuotaError) as group:
             fatal = group.exceptions[0]
             assert isinstance(fatal, AuthError | QuotaError)
             self._fatal = fatal
             self.ctx.log.emit("error", "batch.aborted", code=fatal.code, message=fatal.message)
         finally:
+            if self._cancel_pending:
+                await self._cancel_queued_tasks()
             reason = (
                 f"batch stopped: {self._fatal.code}: {self._fatal.message}"
                 if isinstance(self._fatal, AuthError | QuotaError)
@@ -279,8 +284,23 @@ class Engine:
             item.finish(ItemState.CANCELLED, "the engine is stopping; item not started", transient=True)
             waiter(item)
 
-    def stop(self) -> None:
-        """Stop taking items and cancel what is in flight (state already committed stays; a re-run resumes)."""
+    async def _cancel_queued_tasks(self) -> None:
+        """On a stop with `cancel_pending`: withdraw tasks still queued at the service (never run, never billed), and
+        record that it was us, so the next run submits them again instead of reporting them cancelled."""
+        assert self._orchestrator is not None
+        with anyio.move_on_after(self.config.api.request_timeout_s, shield=True):
+            for item in self._orchestrator.scheduler.pending_items():
+                if item.task_id and await self.ctx.api.cancel_task(item.task_id):
+                    item.cancelled_by_us = True
+                    await self.ctx.save(item)
+                    self.ctx.emit(item, "task.cancelled_on_stop", level="warning")
+
+    def stop(self, *, cancel_pending: bool = False) -> None:
+        """Stop taking items and cancel what is in flight (state already committed stays; a re-run resumes).
+
+        `cancel_pending` also withdraws the tasks still queued (PENDING) at the service.
+        """
+        self._cancel_pending = cancel_pending
         self._pipeline_scope.cancel()
         if self._intake is not None:
             self._intake.close()
@@ -304,7 +324,7 @@ class Engine:
 
         count = 0
         async for entry in self._plan():
-            if limit is not None and count >= limit:
+            if (limit is not None and count >= limit) or self._pipeline_scope.cancel_called:
                 break
             count += 1
             batch.remaining += 1

@@ -3,8 +3,8 @@
 The library never configures global logging (it may live inside someone else's service). Each engine writes its
 own JSONL file through a private structlog logger, and forwards the same events to the host's logging: to
 `structlog.get_logger("lpengine")` when the host (or `lpengine.cli`) configured structlog, otherwise to the stdlib
-logger `lpengine`, whose default shows only warnings — an unconfigured structlog would print debug lines to stdout. Every event passes through `redact`, so a secret that
-slipped into a message is masked before it reaches any sink.
+logger `lpengine`, whose default shows only warnings (an unconfigured structlog would print debug lines to stdout).
+Every event passes through `Redactor`, so a secret that slipped into a message is masked before any sink.
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ class MeterStats:
 
 
 class RateMeter:
-    """GCRA ("virtual scheduling"): each acquire reserves the next slot `interval` after the previous one.
+    """GCRA ("virtual scheduling") with the schedule re-read after each wait.
 
-    The reservation is made before sleeping, so concurrent callers queue up without a lock, and a caller cancelled
-    while waiting only wastes its own slot.
+    Callers queue on a fair lock and each one waits for its slot in turn. A wait that overran (the event loop was
+    busy) pushes the next slot back from the real wake-up time, so late waiters are never released together: that
+    burst is exactly what the service answers with `Throttling.BurstRate` or `RateQuota`.
     """
 
     _MAX_SLOWDOWN = 8.0
@@ -32,17 +33,18 @@ class RateMeter:
         self.name = name
         self._base_interval = 1.0 / qps
         self._interval = self._base_interval
-        self._tat = 0.0  # theoretical arrival time of the next allowed request
+        self._next = 0.0  # earliest time the next request may leave
+        self._lock = anyio.Lock()
         self._requests = 0
         self._throttled = 0
 
     async def acquire(self) -> None:
-        now = anyio.current_time()
-        start = max(self._tat, now)
-        self._tat = start + self._interval
-        self._requests += 1
-        if start > now:
-            await anyio.sleep(start - now)
+        async with self._lock:
+            delay = self._next - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+            self._next = anyio.current_time() + self._interval
+            self._requests += 1
 
     def on_throttled(self) -> None:
         """A 429 means someone else shares the quota or our pacing is too tight: halve the rate."""

@@ -166,3 +166,97 @@ def test_second_run_of_the_same_batch_exits_at_once(tmp_path: Path, emulator_url
     assert "another run of this batch is in progress" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "out").glob("*.mp4"))
+
+
+def interrupt_after(config: Path, marker: str, count: int, *extra: str, signals: int = 1) -> subprocess.Popen[str]:
+    """Start a run, wait until it has logged `marker` `count` times, then send SIGINT `signals` times."""
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lpengine", "run", str(config), "--log-format", "json", "--log-level", "info", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    seen = 0
+    for line in proc.stderr:
+        seen += marker in line
+        if seen >= count:
+            for _ in range(signals):
+                proc.send_signal(signal.SIGINT)
+            break
+    return proc
+
+
+def test_sigint_stops_saves_and_resumes(tmp_path: Path, emulator_url: str) -> None:
+    """SIGINT: stop taking items, save, exit 130; the re-run finishes the batch without paying twice."""
+    emulator_reset(emulator_url)
+    config = batch(tmp_path, emulator_url, 30)
+    proc = interrupt_after(config, "submit.accepted", 3)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "state is saved" in err and "Traceback" not in err
+    assert run_cli(config) == 0
+    stats = emulator_stats(emulator_url)
+    submissions = stats["submissions_per_image"]
+    assert isinstance(submissions, dict) and len(submissions) == 30 and set(submissions.values()) == {1}
+
+
+def test_second_sigint_exits_at_once_and_is_safe_to_resume(tmp_path: Path, emulator_url: str) -> None:
+    """Two signals: exit 130 immediately; the state store is still consistent and the re-run completes."""
+    emulator_reset(emulator_url)
+    config = batch(tmp_path, emulator_url, 20)
+    proc = interrupt_after(config, "submit.accepted", 2, signals=2)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert run_cli(config) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["summary"]["counts"] == {"succeeded": 20}
+    submissions = emulator_stats(emulator_url)["submissions_per_image"]
+    assert isinstance(submissions, dict) and set(submissions.values()) == {1}
+
+
+def test_cancel_pending_withdraws_queued_tasks_and_resume_resubmits_them(tmp_path: Path) -> None:
+    """`--cancel-pending`: tasks still queued at the service are cancelled on stop; the next run submits them again."""
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    slow = subprocess.Popen(  # slow enough that queued tasks stay PENDING while we interrupt
+        [
+            sys.executable,
+            "-m",
+            "lpengine",
+            "emulator",
+            "--port",
+            "0",
+            "--speedup",
+            "10",
+            "--video",
+            "stub",
+            "--detector",
+            "rule",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert slow.stdout is not None
+        line = next(line for line in slow.stdout if "http://127.0.0.1:" in line)
+        url = line[line.index("http://127.0.0.1:") :].split()[0].rstrip("/")
+        url = url if url.endswith("/api/v1") else f"{url}/api/v1"
+        config = batch(tmp_path, url, 6)
+        config.write_text(config.read_text().replace("speedup: 400", "speedup: 10"))
+        proc = interrupt_after(config, "submit.accepted", 3, "--cancel-pending")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        stats = emulator_stats(url)
+        cancelled = stats["tasks_by_status"]
+        assert isinstance(cancelled, dict) and cancelled.get("CANCELED", 0) >= 1
+        assert "task.cancelled_on_stop" in err
+        assert run_cli(config) == 0
+        report = json.loads((tmp_path / "out" / "report.json").read_text())
+        assert report["summary"]["counts"] == {"succeeded": 6}
+    finally:
+        slow.terminate()
+        slow.wait(timeout=10)
