@@ -41,6 +41,7 @@ T = TypeVar("T")
 ConfigArg = Annotated[Path, typer.Argument(help="Batch YAML file (see configs/batch.yaml).")]
 LogFormat = Annotated[str | None, typer.Option("--log-format", help="stderr log format: console or json.")]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")]
+OutputOpt = Annotated[Path | None, typer.Option("--output", help="Override output.dir.")]
 
 
 def _fail(lines: list[str], code: int) -> typer.Exit:
@@ -126,7 +127,7 @@ def run(
     config: ConfigArg,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check locally, estimate cost, send nothing.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N items.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Override output.dir.")] = None,
+    output: OutputOpt = None,
     log_format: LogFormat = None,
     log_level: LogLevel = None,
     progress_interval: Annotated[
@@ -260,10 +261,14 @@ def demo(
 @app.command()
 def status(
     config: ConfigArg,
+    output: OutputOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
 ) -> None:
-    """Show the batch's progress from the state store, without calling the API."""
-    cfg = _load(config)
+    """Show the batch's progress from the state store, without calling the API.
+
+    Example: lpengine status configs/batch.yaml --json
+    """
+    cfg = _load(config, output)
     if not cfg.state_path.exists():
         raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
     summary = _run_async(lambda: _status(cfg))
@@ -294,6 +299,36 @@ async def _status(cfg: BatchConfig) -> dict[str, Any]:
                 in_progress[row.stage] = in_progress.get(row.stage, 0) + 1
                 outstanding += bool(row.task_id)
     return {"items": total, "finished": finished, "in_progress": in_progress, "tasks_outstanding": outstanding}
+
+
+@app.command()
+def report(config: ConfigArg, output: OutputOpt = None) -> None:
+    """Rebuild report.json, report.csv and report.html from the state store, without calling the API.
+
+    Example: lpengine report configs/batch.yaml
+    """
+    cfg = _load(config, output)
+    if not cfg.state_path.exists():
+        raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
+    rebuilt = _run_async(lambda: _rebuild(cfg))
+    typer.echo(f"{len(rebuilt.items)} item(s): report.json, report.csv, report.html written to {cfg.output_dir}")
+
+
+async def _rebuild(cfg: BatchConfig) -> RunReport:
+    from lpengine.reports import result_from_state, write_reports
+    from lpengine.state.store import SqliteStateStore
+
+    pricing = cfg.pricing
+    async with SqliteStateStore(cfg.state_path) as store:
+        items = tuple(
+            [
+                result_from_state(row.data, pricing.detect_per_image, pricing.video_per_second)
+                async for row in store.items()
+            ]
+        )
+    rebuilt = RunReport(items=items, wall_time_s=0.0)
+    await anyio.to_thread.run_sync(write_reports, rebuilt, cfg.output_dir)
+    return rebuilt
 
 
 @app.command()

@@ -303,7 +303,8 @@ class BatchConfig(_Model):
 
     def resolve(self, p: Path | str) -> Path:
         path = Path(p).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
+        # normpath, not resolve(): tidy `..` for messages without following the user's symlinks
+        return path if path.is_absolute() else Path(os.path.normpath(self.base_dir / path))
 
     @property
     def output_dir(self) -> Path:

@@ -7,10 +7,10 @@ import json
 import os
 from pathlib import Path
 
-from lpengine.models import ItemResult, RunReport
+from lpengine.models import ItemResult, ItemState, RunReport
 from lpengine.reports.html_report import write_html_report
 
-__all__ = ["CSV_COLUMNS", "write_reports"]
+__all__ = ["CSV_COLUMNS", "result_from_state", "write_reports"]
 
 CSV_COLUMNS = [
     "input",
@@ -61,3 +61,32 @@ def write_reports(report: RunReport, out_dir: Path, *, extra: dict[str, object] 
             writer.writerow(_row(result))
     os.replace(tmp, out_dir / "report.csv")
     write_html_report(report, out_dir, extra=extra)
+
+
+def result_from_state(data: dict[str, object], detect_price: float, video_price: float) -> ItemResult:
+    """An item's report row rebuilt from its state-store record (for `lpengine report`)."""
+    state_value = data.get("state")
+    state = ItemState(str(state_value)) if state_value else ItemState.CANCELLED
+    reason = str(data.get("reason") or "")
+    if not state_value:
+        reason = f"in progress (last stage: {data.get('stage', 'plan')}); a re-run resumes it"
+    duration = data.get("video_duration")
+    video_s = float(duration) if isinstance(duration, int | float) else None
+    cost = (detect_price if data.get("detect_paid") else 0.0) + (
+        (video_s or 0.0) * video_price if state is ItemState.SUCCEEDED else 0.0
+    )
+    timings = data.get("timings")
+    attempts = data.get("submit_attempts")
+    return ItemResult(
+        input=str(data.get("input") or ""),
+        output=str(data["output_path"]) if data.get("output_path") else None,
+        state=state,
+        reason=reason,
+        detect_message=str(data["detect_message"]) if data.get("detect_message") is not None else None,
+        task_id=str(data["task_id"]) if data.get("task_id") else None,
+        task_code=str(data["task_code"]) if data.get("task_code") else None,
+        video_duration=video_s,
+        submit_attempts=int(attempts) if isinstance(attempts, int) else 0,
+        timings=dict(timings) if isinstance(timings, dict) else {},
+        cost_cny=round(cost, 6),
+    )

@@ -98,6 +98,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert {"report.html", "report.csv"} <= {p.name for p in (tmp_path / "demo").iterdir()}
     assert len(list((tmp_path / "demo").glob("*.mp4"))) == 6
 
+    demo_yaml = str(ROOT / "configs/demo.yaml")
+    status = lpengine("status", demo_yaml, "--output", str(tmp_path / "demo"), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["finished"] == {"succeeded": 6, "detect_failed": 1}
+    (tmp_path / "demo" / "report.json").unlink()
+    rebuilt = lpengine("report", demo_yaml, "--output", str(tmp_path / "demo"))
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    again = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert again["summary"]["counts"] == {"succeeded": 6, "detect_failed": 1}
+
 
 def test_library_example_runs() -> None:
     """docs/examples/service.py, the embedding example, runs as shipped."""
