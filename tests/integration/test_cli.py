@@ -120,3 +120,32 @@ def test_library_example_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "astronaut.png: succeeded" in proc.stdout
+
+
+@pytest.mark.anyio
+async def test_check_passes_with_s3_and_names_each_failure(tmp_path: Path, emulator: object, s3_server: object) -> None:
+    """`lpengine check`: a good setup passes every row (storage written, read via its URL, deleted); a wrong key
+    and a missing bucket each get a ✗ row with the fix, exit 1."""
+    from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, unique_bucket_name
+
+    bucket = s3_server.create_bucket(unique_bucket_name())  # type: ignore[attr-defined]
+    (tmp_path / "photos").mkdir()
+    config = tmp_path / "b.yaml"
+    config.write_text(
+        f"inputs:\n  images: photos\naudio: {ROOT / 'lpengine/assets/voice.wav'}\n"
+        f"api:\n  base_url: {emulator.base_url}\n  speedup: 100\n"  # type: ignore[attr-defined]
+        f"storage:\n  backend: s3\n  endpoint_url: {s3_server.endpoint_url}\n  region: us-east-1\n"  # type: ignore[attr-defined]
+        f"  bucket: {bucket}\n  addressing_style: path\n"
+    )
+    env = {"DASHSCOPE_API_KEY": KEY, "OSS_ACCESS_KEY_ID": ACCESS_KEY_ID, "OSS_ACCESS_KEY_SECRET": SECRET_ACCESS_KEY}
+    good = await anyio.to_thread.run_sync(lambda: lpengine("check", str(config), env=env))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "✗" not in good.stdout
+    assert "storage (s3)" in good.stdout
+    assert s3_server.list_keys(bucket) == []  # type: ignore[attr-defined]  # the probe cleaned up after itself
+    bad = await anyio.to_thread.run_sync(
+        lambda: lpengine("check", str(config), env={**env, "DASHSCOPE_API_KEY": "sk-no"})
+    )
+    assert bad.returncode == 1
+    assert "✗ api" in bad.stdout and "InvalidApiKey" in bad.stdout and "Beijing-region key" in bad.stdout
+    assert "sk-no" not in bad.stdout and SECRET_ACCESS_KEY not in bad.stdout + bad.stderr

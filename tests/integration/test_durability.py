@@ -217,24 +217,13 @@ def test_second_sigint_exits_at_once_and_is_safe_to_resume(tmp_path: Path, emula
     assert isinstance(submissions, dict) and set(submissions.values()) == {1}
 
 
-def test_cancel_pending_withdraws_queued_tasks_and_resume_resubmits_them(tmp_path: Path) -> None:
-    """`--cancel-pending`: tasks still queued at the service are cancelled on stop; the next run submits them again."""
+@pytest.fixture
+def slow_emulator_url() -> Iterator[str]:
+    """A slow emulator (speedup 10: a task takes ~0.6 s), so queued tasks and running batches can be caught."""
     env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
-    slow = subprocess.Popen(  # slow enough that queued tasks stay PENDING while we interrupt
-        [
-            sys.executable,
-            "-m",
-            "lpengine",
-            "emulator",
-            "--port",
-            "0",
-            "--speedup",
-            "10",
-            "--video",
-            "stub",
-            "--detector",
-            "rule",
-        ],
+    args = ["--port", "0", "--speedup", "10", "--video", "stub", "--detector", "rule"]
+    slow = subprocess.Popen(
+        [sys.executable, "-m", "lpengine", "emulator", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -244,19 +233,43 @@ def test_cancel_pending_withdraws_queued_tasks_and_resume_resubmits_them(tmp_pat
         assert slow.stdout is not None
         line = next(line for line in slow.stdout if "http://127.0.0.1:" in line)
         url = line[line.index("http://127.0.0.1:") :].split()[0].rstrip("/")
-        url = url if url.endswith("/api/v1") else f"{url}/api/v1"
-        config = batch(tmp_path, url, 6)
-        config.write_text(config.read_text().replace("speedup: 400", "speedup: 10"))
-        proc = interrupt_after(config, "submit.accepted", 3, "--cancel-pending")
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, err
-        stats = emulator_stats(url)
-        cancelled = stats["tasks_by_status"]
-        assert isinstance(cancelled, dict) and cancelled.get("CANCELED", 0) >= 1
-        assert "task.cancelled_on_stop" in err
-        assert run_cli(config) == 0
-        report = json.loads((tmp_path / "out" / "report.json").read_text())
-        assert report["summary"]["counts"] == {"succeeded": 6}
+        yield url if url.endswith("/api/v1") else f"{url}/api/v1"
     finally:
         slow.terminate()
         slow.wait(timeout=10)
+
+
+def slow_batch(tmp_path: Path, url: str, n: int) -> Path:
+    config = batch(tmp_path, url, n)
+    config.write_text(config.read_text().replace(f"speedup: {SPEEDUP}", "speedup: 10"))
+    return config
+
+
+def test_two_concurrent_runs_exactly_one_proceeds(tmp_path: Path, slow_emulator_url: str) -> None:
+    """Two runs of one config at once (cron overlap): one does the work, the other exits 3 at once."""
+    config = slow_batch(tmp_path, slow_emulator_url, 8)
+    env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
+    cmd = [sys.executable, "-m", "lpengine", "run", str(config), "--log-level", "info", "--log-format", "json"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert first.stderr is not None
+    next(line for line in first.stderr if "submit.accepted" in line)  # the first run holds the lock and works
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    first.communicate(timeout=120)
+    assert (first.returncode, second.returncode) == (0, 3)
+    assert "another run of this batch is in progress" in second.stderr
+
+
+def test_cancel_pending_withdraws_queued_tasks_and_resume_resubmits_them(
+    tmp_path: Path, slow_emulator_url: str
+) -> None:
+    """`--cancel-pending`: tasks still queued at the service are cancelled on stop; the next run submits them again."""
+    config = slow_batch(tmp_path, slow_emulator_url, 6)
+    proc = interrupt_after(config, "submit.accepted", 3, "--cancel-pending")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    by_status = emulator_stats(slow_emulator_url)["tasks_by_status"]
+    assert isinstance(by_status, dict) and by_status.get("CANCELED", 0) >= 1
+    assert "task.cancelled_on_stop" in err
+    assert run_cli(config) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["summary"]["counts"] == {"succeeded": 6}

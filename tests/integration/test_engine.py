@@ -198,3 +198,34 @@ async def test_process_one_item_from_a_service(
     assert first.state is ItemState.SUCCEEDED and first.output
     assert await anyio.Path(first.output).exists()
     assert second.state is ItemState.DETECT_FAILED and second.detect_message
+
+
+async def test_lost_submit_answer_is_reconciled_not_resubmitted(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
+    """The service accepts a task but the answer is lost: the engine finds it in the task list, pays once."""
+    emulator.set_faults(FaultSettings(rules=[FaultRule(match="", action="lose_submit_response", times=2)]))  # type: ignore[attr-defined]
+    small = {"faces": dataset["faces"][:6], "non_faces": [], "bad": []}
+    config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
+    async with Engine(config, api_key=KEY) as engine:
+        report = await engine.run()
+    assert all(r.state is ItemState.SUCCEEDED for r in report.items)
+    assert all(r.submit_attempts == 1 for r in report.items)
+    stats = emulator.stats()  # type: ignore[attr-defined]
+    assert stats.faults.get("lose_submit_response", 0) == 2
+    assert len(stats.submissions_per_image) == 6 and set(stats.submissions_per_image.values()) == {1}
+    log = next((tmp_path / "out").glob("lpengine-*.jsonl")).read_text()
+    assert log.count('"submit.reconciled"') == 2 and '"adopted": null' not in log
+
+
+async def test_items_flow_one_by_one(tmp_path: Path, dataset: dict[str, list[Path]], emulator: object) -> None:
+    """Backpressure, not batches: the first video is on disk before the last image has even been uploaded."""
+    small = {"faces": dataset["faces"][:30], "non_faces": [], "bad": []}
+    config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
+    order: list[tuple[str, str, str | None]] = []
+    async with Engine(config, api_key=KEY, on_event=lambda e: order.append((e.item, e.stage, e.state))) as engine:
+        report = await engine.run()
+    assert report.ok
+    first_success = next(i for i, (_, _, state) in enumerate(order) if state is ItemState.SUCCEEDED)
+    last_upload_done = max(i for i, (_, stage, state) in enumerate(order) if stage == "upload" and state is None)
+    assert first_success < last_upload_done
