@@ -14,7 +14,7 @@ import anyio
 import pytest
 from PIL import Image
 
-from lpengine import Engine, ItemState, load_config
+from lpengine import Engine, ItemState, ProgressEvent, load_config
 from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
 from lpengine.media import verify_mp4
 
@@ -229,3 +229,33 @@ async def test_items_flow_one_by_one(tmp_path: Path, dataset: dict[str, list[Pat
     first_success = next(i for i, (_, _, state) in enumerate(order) if state is ItemState.SUCCEEDED)
     last_upload_done = max(i for i, (_, stage, state) in enumerate(order) if stage == "upload" and state is None)
     assert first_success < last_upload_done
+
+
+async def test_cancelling_the_caller_stops_cleanly_and_resumes(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
+    """Cancel the task awaiting `run()` mid-batch: no hang, state kept; the next run finishes without paying twice."""
+    small = {"faces": dataset["faces"][:12], "non_faces": [], "bad": []}
+    config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
+    submitted = anyio.Event()
+
+    def watch(event: ProgressEvent) -> None:
+        if event.task_id:
+            submitted.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+
+            async def batch_run() -> None:
+                async with Engine(config, api_key=KEY, on_event=watch) as engine:
+                    await engine.run()
+
+            tg.start_soon(batch_run)
+            await submitted.wait()
+            tg.cancel_scope.cancel()
+    async with Engine(config, api_key=KEY) as engine:
+        report = await engine.run()
+    assert report.ok and len(report.items) == 12
+    assert any(r.resumed for r in report.items)
+    stats = emulator.stats()  # type: ignore[attr-defined]
+    assert set(stats.submissions_per_image.values()) == {1}
