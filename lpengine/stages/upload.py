@@ -111,7 +111,7 @@ async def _output_verified(item: Item) -> bool:
 async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
     """Publish once per (content, model) per batch — and across runs for durable backends."""
     backend = ctx.storage.name
-    durable = bool(getattr(ctx.storage, "durable", False))
+    durable = ctx.storage.durable
     lock = ctx.locks.setdefault((file.sha256, model), anyio.Lock())
     async with lock:
         needed_until = time.time() + ctx.url_lifetime.total_seconds()
@@ -132,7 +132,7 @@ async def upload(ctx: StageContext, item: Item) -> None:
     """Publish the image for both models (once, unless the backend binds files to a model) and the shared audio
     for synthesis; URL inputs pass through."""
     started = time.perf_counter()
-    model_bound = bool(getattr(ctx.storage, "model_bound", False))
+    model_bound = ctx.storage.model_bound
     try:
         if item.image is None:
             for model in MODELS:

@@ -44,6 +44,10 @@ class Storage(Protocol):
     """A place that publishes local files for the API."""
 
     name: str
+    durable: bool
+    """Its URLs outlive the process, so the state store may hand them to a re-run."""
+    model_bound: bool
+    """A published file works only with the model it was published for (DashScope temporary storage, §8)."""
 
     async def __aenter__(self) -> Self: ...
 
@@ -71,3 +75,21 @@ class Storage(Protocol):
         Returns a one-line description of what was verified; raises `StorageError` with the fix.
         """
         ...
+
+
+class NothingToRelease:
+    """Lifecycle for backends that hold no connection or server of their own, and create nothing to clean up."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def cleanup(self, keys: list[str]) -> int:
+        return 0

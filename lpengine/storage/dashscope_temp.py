@@ -7,21 +7,21 @@ once for `liveportrait`. A policy is reused for several files until shortly befo
 from __future__ import annotations
 
 from datetime import timedelta
-from types import TracebackType
-from typing import Self
 
 import anyio
 
 from lpengine.client.api import DashScopeClient
 from lpengine.client.wire import UploadPolicy
 from lpengine.errors import ApiError, AuthError, LPEngineError, QuotaError, StorageError
-from lpengine.storage.base import LocalFile, Published
+from lpengine.storage.base import LocalFile, NothingToRelease, Published
 
 FILE_LIFETIME_S = 48 * 3600  # §8
 _POLICY_SAFETY_S = 30.0
 
 
-class DashScopeTempStorage:
+class DashScopeTempStorage(NothingToRelease):
+    """Files expire by themselves after 48 h and cannot be deleted (§8): nothing to clean up."""
+
     name = "dashscope_temp"
     durable = True
     model_bound = True  # §8: a file works only with the model it was uploaded for
@@ -31,14 +31,6 @@ class DashScopeTempStorage:
         self._speedup = speedup
         self._policies: dict[str, UploadPolicy] = {}
         self._lock = anyio.Lock()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        return None
 
     async def _policy(self, model: str) -> UploadPolicy:
         async with self._lock:
@@ -75,9 +67,6 @@ class DashScopeTempStorage:
                 raise
             raise StorageError(f"temporary upload failed: {exc}", retryable=True) from None
         return Published(url=url, needs_resolve_header=True, lifetime_s=FILE_LIFETIME_S / self._speedup)
-
-    async def cleanup(self, keys: list[str]) -> int:
-        return 0  # files expire by themselves after 48 h and cannot be deleted (§8)
 
     async def probe(self) -> str:
         policy = await self._policy("liveportrait")

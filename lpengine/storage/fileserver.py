@@ -23,6 +23,7 @@ from lpengine.storage.base import LocalFile, Published
 class FileServerStorage:
     name = "fileserver"
     durable = False  # URLs die with the process: never cache them across runs
+    model_bound = False
 
     def __init__(self, config: FileServerStorageConfig) -> None:
         self._config = config
