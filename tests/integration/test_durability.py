@@ -16,9 +16,9 @@ import pytest
 
 from lpengine.media import verify_mp4
 from lpengine.state.lock import BatchLock
+from tests.helpers import write_batch
 
 KEY = "sk-test-durability-0123456789"
-VOICE = Path(__file__).resolve().parents[2] / "lpengine" / "assets" / "voice.wav"
 SPEEDUP = 400
 
 
@@ -77,24 +77,7 @@ def batch(tmp_path: Path, base_url: str, n: int) -> Path:
     from lpengine.demo_assets import make_portraits
 
     make_portraits(tmp_path / "photos", n)
-    (tmp_path / "batch.yaml").write_text(
-        f"""
-inputs:
-  images: photos
-audio: {VOICE}
-api:
-  base_url: {base_url}
-  speedup: {SPEEDUP}
-  retry:
-    initial_wait_s: 0.01
-    max_wait_s: 0.05
-concurrency:
-  submit_window: 4
-output:
-  dir: out
-"""
-    )
-    return tmp_path / "batch.yaml"
+    return write_batch(tmp_path, base_url, SPEEDUP)
 
 
 def run_cli(config: Path, *, kill_after_lines: int | None = None) -> int | None:

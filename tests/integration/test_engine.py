@@ -17,11 +17,11 @@ from PIL import Image
 from lpengine import Engine, ItemState, ProgressEvent, load_config
 from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
 from lpengine.media import verify_mp4
+from tests.helpers import write_batch
 
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-test-engine-0123456789"
-VOICE = Path(__file__).resolve().parents[2] / "lpengine" / "assets" / "voice.wav"
 SPEEDUP = 200.0
 
 
@@ -52,25 +52,7 @@ def make_batch(tmp_path: Path, dataset: dict[str, list[Path]], base_url: str, **
     for group in dataset.values():
         for path in group:
             shutil.copy(path, photos / f"{path.parent.name}_{path.name}")
-    body = f"""
-inputs:
-  images: photos
-audio: {VOICE}
-api:
-  base_url: {base_url}
-  speedup: {SPEEDUP}
-  retry:
-    initial_wait_s: 0.01
-    max_wait_s: 0.05
-concurrency:
-  submit_window: 4
-output:
-  dir: out
-"""
-    for key, value in extra.items():
-        body += f"{key}: {value}\n"
-    (tmp_path / "batch.yaml").write_text(body)
-    return tmp_path / "batch.yaml"
+    return write_batch(tmp_path, base_url, SPEEDUP, **extra)
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ import pytest
 
 from lpengine import Engine, ItemState, StorageError, load_config
 from lpengine.emulator import EmulatorSettings, run_emulator
+from tests.helpers import write_batch
 from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY, S3Server, unique_bucket_name
 
 pytestmark = pytest.mark.anyio
 
 KEY = "sk-test-storage-0123456789"
-VOICE = Path(__file__).resolve().parents[2] / "lpengine" / "assets" / "voice.wav"
 
 
 @pytest.fixture
@@ -33,27 +33,11 @@ def s3_batch(tmp_path: Path, base_url: str, endpoint: str, bucket: str, cleanup:
     from lpengine.demo_assets import make_portraits
 
     make_portraits(tmp_path / "photos", n)
-    path = tmp_path / "batch.yaml"
-    path.write_text(
-        f"""
-inputs:
-  images: photos
-audio: {VOICE}
-api:
-  base_url: {base_url}
-  speedup: 200
-storage:
-  backend: s3
-  endpoint_url: {endpoint}
-  region: us-east-1
-  bucket: {bucket}
-  addressing_style: path
-  cleanup: {cleanup}
-output:
-  dir: out
-"""
+    storage = (
+        f"\n  backend: s3\n  endpoint_url: {endpoint}\n  region: us-east-1\n  bucket: {bucket}"
+        f"\n  addressing_style: path\n  cleanup: {cleanup}"
     )
-    return path
+    return write_batch(tmp_path, base_url, 200, storage=storage)
 
 
 async def test_second_run_makes_zero_puts(tmp_path: Path, emulator: object, s3_server: S3Server) -> None:
