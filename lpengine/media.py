@@ -149,6 +149,8 @@ def _read_regular_file(path: Path, *, what: str, max_bytes: int, advice: str) ->
         st = os.stat(path)
     except OSError as exc:
         raise MediaError(path, _describe_oserror(exc)) from None
+    except ValueError:  # "embedded null byte": a NUL in a manifest cell or a YAML string
+        raise MediaError(path, "is not a usable path (it contains a NUL character) — fix the path") from None
     if stat.S_ISDIR(st.st_mode):
         raise MediaError(path, f"is a directory, not an {what} file — point to the file itself")
     if not stat.S_ISREG(st.st_mode):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".heic", ".h
 """Files a folder scan picks up. Unsupported formats among them are listed (and rejected) rather than ignored,
 so a user sees why their GIF made no video."""
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|\ud800-\udfff]+")  # surrogates: undecodable bytes of a file name
 _RESERVED = {
     "con",
     "prn",
@@ -35,6 +36,9 @@ _RESERVED = {
     *(f"lpt{i}" for i in range(1, 10)),
 }
 _MAX_NAME = 120
+_MAX_NAME_BYTES = 180
+"""File names are limited in bytes (255 on ext4, APFS, NTFS), and the name also carries `_png_2`-style suffixes,
+`.mp4`, and the download's hidden `.<name>.mp4.<hex>.part` form: 180 bytes of UTF-8 leave room for all of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +63,28 @@ def safe_stem(name: str) -> str:
         stem = "item"
     if stem.lower() in _RESERVED:
         stem = f"{stem}_"
-    return stem[:_MAX_NAME]
+    stem = stem[:_MAX_NAME]
+    while len(stem.encode()) > _MAX_NAME_BYTES:  # 60 Chinese characters, not 120 (3 bytes each)
+        stem = stem[:-1]
+    return stem.rstrip(" .")  # a cut can end on a space or a dot; the first character is neither
+
+
+def _undecodable(text: str) -> bool:
+    """True for text holding bytes that were not UTF-8 (Python keeps them as lone surrogates, which no log, report or
+    database can store)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _printable(path: Path | str) -> str:
+    """A path that can be shown and stored anywhere: bytes that are not UTF-8 are written as `\\xNN`."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _output_stem(value: str) -> str:
+    """A manifest's `output`: its last path component (never a folder), without a `.mp4` the user may have added.
+    Other dots are part of the name ("Dr. Who" stays "Dr. Who")."""
+    name = Path(value).name
+    return name[:-4] if name.lower().endswith(".mp4") else name
 
 
 def _is_url(value: str) -> bool:
@@ -118,6 +143,10 @@ def iter_plan(config: BatchConfig) -> Iterator[ItemSpec | PlanProblem]:
         root = config.resolve(config.inputs.images)
         folder = root if root.is_dir() else None
         for path in _scan(config, config.inputs.images):
+            if _undecodable(str(path)):
+                shown = _printable(path)
+                yield PlanProblem(shown, shown, "file name is not valid UTF-8 (an old or foreign encoding); rename it")
+                continue
             if folder is not None and path.is_symlink():
                 target = path.resolve()
                 if not target.is_relative_to(folder.resolve()):
@@ -143,10 +172,15 @@ _MANIFEST_KEYS = {"image", "audio", "output", *VideoOverrides.model_fields}
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """(line number, row) pairs; a row that cannot be parsed is returned as an error string."""
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    not_utf8 = "not valid UTF-8 text; save the manifest as UTF-8"
+    # surrogateescape: one badly encoded row is reported as such, instead of ending the whole plan on a decode error
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         if path.suffix.lower() in {".jsonl", ".ndjson", ".json"}:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():
+                    continue
+                if _undecodable(line):
+                    yield lineno, not_utf8
                     continue
                 try:
                     row = json.loads(line)
@@ -156,9 +190,19 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 yield lineno, row if isinstance(row, dict) else "each line must be a JSON object"
         else:
             reader = csv.DictReader(fh)
-            for row in reader:
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:  # e.g. a field over csv.field_size_limit(): that row only
+                    yield reader.line_num, f"unreadable CSV ({exc})"
+                    continue
                 if None in row:
                     yield reader.line_num, "more values than header columns"
+                    continue
+                if any(_undecodable(str(v)) for v in (*row.keys(), *row.values())):
+                    yield reader.line_num, not_utf8
                     continue
                 yield reader.line_num, {k.strip(): v for k, v in row.items() if k and v not in (None, "")}
 
@@ -207,10 +251,10 @@ def _iter_manifest(config: BatchConfig, path: Path, namer: Namer) -> Iterator[It
             yield PlanProblem(source, image, f"duplicate of line {seen[key]}; remove one of them")
             continue
         seen[key] = lineno
-        wanted = str(row.get("output") or Path(image.split("?")[0]).stem)
+        wanted = _output_stem(str(row["output"])) if row.get("output") else Path(image.split("?")[0]).stem
         yield ItemSpec(
             image=image_ref,
-            output_name=namer.assign(Path(wanted).stem if row.get("output") else wanted, Path(image).suffix),
+            output_name=namer.assign(wanted, Path(image).suffix),
             params=overrides.apply(config.video),
             audio=audio_ref,
             source=source,

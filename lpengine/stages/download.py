@@ -70,6 +70,9 @@ async def download(ctx: StageContext, item: Item) -> None:
             with attempt:
                 size = await _fetch(ctx, item.video_url, target)
     except _Expired:
+        # Only a new task can produce the video now: forget this one, so the re-run submits again (as promised)
+        # instead of polling the old task for the same dead URL.
+        item.task_id = item.video_url = None
         item.finish(
             ItemState.DOWNLOAD_FAILED,
             "result URL expired (valid 24 h after the task ends); a re-run submits the item again",

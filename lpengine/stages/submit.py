@@ -97,7 +97,20 @@ async def _adopt_or_clear(ctx: StageContext, item: Item) -> None:
     try:
         found = await reconcile(ctx, item.item_id, item.submit_inflight_wall)
     except AmbiguousSubmitError as exc:
-        item.finish(ItemState.SUBMIT_FAILED, str(exc))
+        # Transient: the in-flight mark stays, so a re-run reconciles again (more tasks are known by then) instead
+        # of leaving a task that may be running, and billed, without anyone to collect its video.
+        item.finish(ItemState.SUBMIT_FAILED, str(exc), transient=True)
+        return
+    except (AuthError, QuotaError):
+        raise
+    except LPEngineError as exc:
+        # The task list did not answer: the lost send may have created a task. Keep the mark; never resend blindly.
+        item.finish(
+            ItemState.SUBMIT_FAILED,
+            f"submit outcome unknown and the task list could not be read ({exc}); a re-run reconciles before "
+            "sending again",
+            transient=True,
+        )
         return
     if found is not None and await ctx.store.claim_task(found, item.item_id, time.time()):
         ctx.emit(item, "submit.reconciled", adopted=found)
@@ -110,25 +123,28 @@ async def _adopt_or_clear(ctx: StageContext, item: Item) -> None:
 
 async def reconcile(ctx: StageContext, item_id: str, sent_wall: float) -> str | None:
     """The task a lost submit of `item_id` created, or None if it created none (rules in the module docstring)."""
+    known = await ctx.store.claim_times()
+    lost = dict(await ctx.store.inflight_submits())
+    lost[item_id] = sent_wall
+    early = ctx.speedup * 2.0  # clock calibration slop
     entries: list[TaskListEntry] = []
     for page in range(1, _MAX_LIST_PAGES + 1):
         listing = await ctx.api.list_tasks(model_name="liveportrait", page_no=page, page_size=100)
         entries.extend(listing.entries)
         if page * listing.page_size >= listing.total or not listing.entries:
             break
-    known = await ctx.store.claim_times()
+        # Newest first: once a page reaches back before the earliest lost send (on the service clock, as calibrated
+        # so far; later calibration can only move it forward), older pages cannot hold a match. Without this, each
+        # reconciliation would read the whole day's task list: requests growing with the account, not the batch.
+        base = _clock_offset(ctx, entries, known)
+        created = [e.gmt_create_ms for e in listing.entries if e.gmt_create_ms is not None]
+        if base is not None and created and min(created) / 1000 < base + ctx.speedup * min(lost.values()) - early:
+            break
     unclaimed = [e for e in entries if e.task_id not in known and e.gmt_create_ms is not None]
     if not unclaimed:
         return None
-    lost = dict(await ctx.store.inflight_submits())
-    lost[item_id] = sent_wall
-    # Each known task was created before its id came back, so every estimate is late; the largest is the closest.
-    offsets = [
-        (e.gmt_create_ms or 0) / 1000 - ctx.speedup * known[e.task_id]
-        for e in entries
-        if e.task_id in known and e.gmt_create_ms is not None
-    ]
-    if not offsets:
+    base = _clock_offset(ctx, entries, known)
+    if base is None:
         if len(unclaimed) != len(lost):
             raise AmbiguousSubmitError(
                 f"a submit's answer was lost and {len(unclaimed)} unclaimed task(s) exist for {len(lost)} lost "
@@ -139,8 +155,6 @@ async def reconcile(ctx: StageContext, item_id: str, sent_wall: float) -> str | 
         tasks = sorted(unclaimed, key=lambda e: (e.gmt_create_ms or 0, e.task_id))
         sends = sorted(lost, key=lambda iid: lost[iid])
         return tasks[sends.index(item_id)].task_id
-    base = max(offsets)
-    early = ctx.speedup * 2.0  # clock calibration slop
     late = ctx.speedup * (ctx.config.api.request_timeout_s + 5.0)
     pairs = sorted(
         (abs(diff), iid, e.task_id)
@@ -158,3 +172,16 @@ async def reconcile(ctx: StageContext, item_id: str, sent_wall: float) -> str | 
         taken_items.add(iid)
         taken_tasks.add(task_id)
     return None
+
+
+def _clock_offset(ctx: StageContext, entries: list[TaskListEntry], known: dict[str, float]) -> float | None:
+    """Service clock minus (speedup x) local clock, from the listed tasks whose claim time is known; None if none.
+
+    Each known task was created before its id came back, so every estimate is late; the largest is the closest.
+    """
+    offsets = [
+        e.gmt_create_ms / 1000 - ctx.speedup * known[e.task_id]
+        for e in entries
+        if e.task_id in known and e.gmt_create_ms is not None
+    ]
+    return max(offsets) if offsets else None
