@@ -10,7 +10,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -82,11 +82,16 @@ def _run_async(main: Callable[[], Awaitable[T]]) -> T:
 
 
 async def _with_signals(
-    engine: Engine, body: Callable[[], Awaitable[T]], *, cancel_pending: bool = False
+    engine: Engine,
+    body: Callable[[], Awaitable[T]],
+    *,
+    cancel_pending: bool = False,
+    background: Callable[[], Coroutine[Any, Any, None]] | None = None,
 ) -> tuple[T | None, bool]:
+    """Await `body` while watching for signals (and running `background`, e.g. periodic progress lines)."""
     interrupted = False
 
-    async def watch(scope: anyio.CancelScope) -> None:
+    async def watch() -> None:
         nonlocal interrupted
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -101,10 +106,19 @@ async def _with_signals(
                 engine.stop(cancel_pending=cancel_pending)
 
     result: T | None = None
+    error: Exception | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch, tg.cancel_scope)
-        result = await body()
-        tg.cancel_scope.cancel()
+        tg.start_soon(watch)
+        if background is not None:
+            tg.start_soon(background)
+        try:
+            result = await body()
+        except Exception as exc:  # re-raised below as itself: inside the group it would come out as a group
+            error = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return result, interrupted
 
 
@@ -181,15 +195,14 @@ async def _run(
                         cancel_pending=cancel_pending,
                     )
             else:
-                async with anyio.create_task_group() as tg:
-                    if progress_interval:  # cron output stays quiet unless asked (docs/cron.md)
-                        tg.start_soon(JsonProgress(state, sys.stderr).run, progress_interval)
-                    report, interrupted = await _with_signals(
-                        engine,
-                        lambda: engine.run(limit=limit, on_planned=state.set_total),
-                        cancel_pending=cancel_pending,
-                    )
-                    tg.cancel_scope.cancel()
+                # cron output stays quiet unless asked (docs/cron.md)
+                interval = progress_interval
+                report, interrupted = await _with_signals(
+                    engine,
+                    lambda: engine.run(limit=limit, on_planned=state.set_total),
+                    cancel_pending=cancel_pending,
+                    background=(lambda: JsonProgress(state, sys.stderr).run(interval)) if interval else None,
+                )
     except BatchLockedError as exc:
         raise _fail([str(exc)], EXIT_LOCKED) from None
     except ConfigError as exc:

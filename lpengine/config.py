@@ -451,10 +451,14 @@ def load_config(path: Path | str, *, overrides: dict[str, Any] | None = None) ->
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{file}: file not found; check the path"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"{file}: cannot read the file ({exc.__class__.__name__}); check permissions"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{file}: not UTF-8 text; save the file as UTF-8"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read the file ({exc.strerror}); check permissions"]) from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError([f"{file}: nested too deeply to be a batch config; check the YAML"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -466,6 +470,8 @@ def load_config(path: Path | str, *, overrides: dict[str, Any] | None = None) ->
         raise ConfigError([f"{file}: the top level must be a mapping of keys (inputs:, audio:, video:, …)"])
     base_dir = path.resolve().parent
     problems: list[str] = []
+    if _too_big(raw):
+        raise ConfigError([f"{file}: expands to more than {_MAX_NODES:,} values (YAML aliases?); simplify the file"])
     data = _interpolate(raw, _environment(base_dir), "", problems, file)
     if "base_dir" in data:
         problems.append(f"{file}: base_dir: unknown key; it is set from the config file's location")
@@ -482,9 +488,32 @@ def load_config(path: Path | str, *, overrides: dict[str, Any] | None = None) ->
     return config
 
 
+_MAX_NODES = 100_000
+
+
+def _too_big(root: Any) -> bool:
+    """YAML aliases share nodes; expanding them (as interpolation does) can explode ("billion laughs")."""
+    count, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > _MAX_NODES:
+            return True
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """A command-line override such as `output.dir`. A non-mapping in the way (`output: 3`) is left for validation
+    to report, rather than silently replaced."""
     node = data
     *parents, last = dotted.split(".")
     for part in parents:
-        node = node.setdefault(part, {})
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            return
+        node = child
     node[last] = value

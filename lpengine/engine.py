@@ -199,7 +199,13 @@ class Engine:
         self._intake = intake_send
         tg = anyio.create_task_group()
         await tg.__aenter__()
-        stack.push_async_exit(tg.__aexit__)
+
+        async def close_pipeline() -> None:
+            # The group never sees the caller's exception: passing it in would come back wrapped in an
+            # ExceptionGroup, and callers must be able to `except AuthError` around `async with Engine(...)`.
+            await tg.__aexit__(None, None, None)
+
+        stack.push_async_callback(close_pipeline)
         self._tg = tg
         tg.start_soon(self._pipeline, intake_recv, results_send)
         tg.start_soon(self._collect, results_recv)
@@ -211,6 +217,8 @@ class Engine:
             self._intake.close()  # no more items: the pipeline drains and ends
         if exc is not None:
             self._pipeline_scope.cancel()
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
         stack, self._stack = self._stack, None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)

@@ -119,15 +119,7 @@ async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
             cached = await ctx.store.upload(file.sha256, model, backend)
             if cached is not None and cached.expires_at > needed_until:
                 return Published(cached.url, cached.needs_resolve_header, None)
-        try:
-            published = await ctx.storage.publish(file, model=model, valid_for=ctx.url_lifetime)
-        except StorageError as exc:
-            if "policy expired" not in str(exc).lower():
-                raise
-            # A temporary-storage upload policy (300 s) ran out while the upload was being retried; the backend
-            # has dropped it, so one more call fetches a fresh policy instead of failing the item.
-            ctx.log.emit("warning", "upload.policy_expired", file=str(file.path), model=model)
-            published = await ctx.storage.publish(file, model=model, valid_for=ctx.url_lifetime)
+        published = await ctx.storage.publish(file, model=model, valid_for=ctx.url_lifetime)
         if durable and published.lifetime_s is not None:
             stored = StoredUpload(
                 published.url, published.needs_resolve_header, time.time() + published.lifetime_s, published.created_key

@@ -50,24 +50,39 @@ class DashScopeTempStorage(NothingToRelease):
                 "temporary storage keeps files 48 h, less than this batch needs; use storage.backend: s3"
             )
         try:
-            policy = await self._policy(model)
-            if file.size > policy.max_file_size_mb * 1024 * 1024:
-                raise StorageError(f"{file.path}: larger than the temporary storage limit for {model}")
-            url = await self._client.upload_temp(policy, file.path, f"{file.sha256}{file.suffix}")
-        except (AuthError, QuotaError):
-            raise  # the account itself refuses: stop the batch, don't fail items one by one
+            url = await self._upload(file, model)
         except ApiError as exc:
-            if exc.code == "AccessDenied" and "expired" in exc.message.lower():
-                self._policies.pop(model, None)  # refetch next time; the stage retries the item
-            raise StorageError(
-                f"temporary upload failed: {exc.code}: {exc.message}", retryable=exc.is_retryable
-            ) from None
+            if not _policy_expired(exc):
+                raise _storage_error(exc) from None
+            # The policy ran out while the upload was being retried (§8: 300 s): one more try with a fresh one.
+            self._policies.pop(model, None)
+            try:
+                url = await self._upload(file, model)
+            except ApiError as again:
+                raise _storage_error(again) from None
         except LPEngineError as exc:
             if isinstance(exc, StorageError):
                 raise
             raise StorageError(f"temporary upload failed: {exc}", retryable=True) from None
         return Published(url=url, needs_resolve_header=True, lifetime_s=FILE_LIFETIME_S / self._speedup)
 
+    async def _upload(self, file: LocalFile, model: str) -> str:
+        policy = await self._policy(model)
+        if file.size > policy.max_file_size_mb * 1024 * 1024:
+            raise StorageError(f"{file.path}: larger than the temporary storage limit for {model}")
+        return await self._client.upload_temp(policy, file.path, f"{file.sha256}{file.suffix}")
+
     async def probe(self) -> str:
         policy = await self._policy("liveportrait")
         return f"temporary storage policy obtained (upload host {policy.upload_host}, files live 48 h)"
+
+
+def _policy_expired(exc: ApiError) -> bool:
+    return exc.code == "AccessDenied" and "expired" in exc.message.lower()
+
+
+def _storage_error(exc: ApiError) -> LPEngineError:
+    """Account-level refusals stop the batch as themselves; anything else fails this upload."""
+    if isinstance(exc, AuthError | QuotaError):
+        return exc
+    return StorageError(f"temporary upload failed: {exc.code}: {exc.message}", retryable=exc.is_retryable)

@@ -579,11 +579,6 @@ def test_random_bytes_as_config_raise_config_error_only(data: bytes) -> None:
             load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lpengine/config.py load_config: yaml.safe_load's RecursionError on deeply nested YAML escapes as a "
-    "traceback instead of ConfigError (reported)",
-)
 def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "b.yaml"
     path.write_text("inputs: " + "[" * 3000 + "]" * 3000 + "\n")
@@ -591,11 +586,6 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lpengine/config.py _set_dotted: `lpengine run cfg --output DIR` with a non-mapping `output:` raises "
-    "TypeError (a traceback) instead of ConfigError (reported)",
-)
 def test_output_override_on_a_non_mapping_output_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "b.yaml"
     path.write_text("inputs:\n  images: photos\noutput: 3\n")
