@@ -177,6 +177,7 @@ class _Emulator:
                 web.get(f"{API}/tasks", self._list),
                 web.get(f"{API}/tasks/", self._list),  # §5
                 web.get(f"{API}/tasks/{{task_id}}", self._task),
+                web.get(f"{API}/tasks/{{task_id}}/", self._task),  # the SDK's aio client appends a slash (§9)
                 web.post(f"{API}/tasks/{{task_id}}/cancel", self._cancel),
                 web.get(f"{API}/uploads", self._policy),
                 web.post("/_oss", self._upload),

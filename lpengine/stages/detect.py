@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import time
 
-import anyio
-
 from lpengine.errors import ApiError, AuthError, LPEngineError, QuotaError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages.context import StageContext
@@ -25,7 +23,7 @@ async def detect(ctx: StageContext, item: Item) -> None:
     started = time.perf_counter()
     key = item.image.sha256 if item.image else item.spec.image
     # Copies of one image in a batch wait for the first one's verdict instead of paying again.
-    async with ctx.locks.setdefault(("detect", key), anyio.Lock()):
+    async with ctx.lock(("detect", key)):
         verdict = await ctx.store.detect_verdict(key)
         if verdict is None:
             await ctx.store.put_detect(key, None, "")  # write-ahead mark: the call below is billed

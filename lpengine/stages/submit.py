@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import time
 
-import anyio
-
 from lpengine.client.wire import TaskListEntry
 from lpengine.errors import AmbiguousSubmitError, ApiError, AuthError, LPEngineError, QuotaError
 from lpengine.models import Item, ItemState, Stage
@@ -35,7 +33,7 @@ async def submit(ctx: StageContext, item: Item) -> None:
     """Get the item a task id: adopt a reconciled one, or submit (bounded by `state.max_submit_attempts`)."""
     item.stage = Stage.SUBMIT
     started = time.perf_counter()
-    async with ctx.locks.setdefault(("submit", ""), anyio.Lock()):
+    async with ctx.lock(("submit", "")):
         await _submit_locked(ctx, item)
     item.timings["submit"] = item.timings.get("submit", 0.0) + time.perf_counter() - started
 

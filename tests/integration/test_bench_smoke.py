@@ -1,0 +1,78 @@
+"""Smoke test of scripts/bench.py (docs/benchmarks.md): a small instant-mode batch through lpengine, in separate
+emulator and client processes, exactly as the real benchmark runs. Checks correctness and that every figure is
+produced; no timing is asserted (CI machines vary)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
+
+pytestmark = pytest.mark.anyio
+
+
+def _load_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("lpengine_bench_script", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_instant_batch_through_lpengine(tmp_path: Path) -> None:
+    bench = _load_bench()
+    settings = bench.BenchSettings(
+        items=100,
+        instant=True,
+        speedup=1000.0,
+        detector="always_pass",
+        clients=("lpengine",),
+        workdir=tmp_path,
+    )
+    lines: list[str] = []
+    report: dict[str, Any] = await anyio.to_thread.run_sync(lambda: bench.run_bench(settings, log=lines.append))
+
+    [m] = report["results"]
+    assert m["client"] == "lpengine"
+    assert m["exit_code"] == 0
+    assert m["succeeded"] == 100, m["failure_reasons"]
+    assert m["throttled"] == 0
+    assert m["tasks"] == 100
+    assert m["images_submitted"] == 100
+    assert m["duplicate_submissions"] == 0
+    assert len(list((tmp_path / "out" / "lpengine").glob("*.mp4"))) == 100
+
+    for key in (
+        "makespan_s",
+        "lower_bound_s",
+        "lead_s",
+        "idle_s",
+        "idle_pct",
+        "queries_per_task",
+        "cpu_s",
+        "cpu_ms_per_item",
+        "batch_cpu_ms_per_item",
+        "peak_rss_mb",
+        "wall_s",
+        "batch_wall_s",
+        "items_per_wall_s",
+    ):
+        assert isinstance(m[key], float | int), key
+        assert math.isfinite(m[key]), key
+    assert m["queries_per_task"] >= 1
+    assert m["peak_rss_mb"] > 0 and m["cpu_s"] > 0
+
+    table = bench.table(report["results"], instant=True)
+    assert table.splitlines()[2].startswith("| lpengine | 100 | 100 | 0 | yes |")
+    json.dumps(report)  # the --json output is plain JSON
+    assert any("running lpengine" in line for line in lines)
