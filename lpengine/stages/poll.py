@@ -44,6 +44,8 @@ class Tracked:
     status: TaskStatus = TaskStatus.PENDING
     started_service: float | None = None
     polls: int = 0
+    failed_rounds: int = 0
+    """Consecutive query rounds that ended in an error (each round already retried by the client)."""
     last_poll_local: float = 0.0
     version: int = 0
     in_hand: bool = False
@@ -162,6 +164,7 @@ class PollScheduler:
         """Record a query's answer. True when the task is terminal (the caller takes the item away)."""
         now = anyio.current_time()
         self._hand_back(t)
+        t.failed_rounds = 0
         self.stats.queries += 1
         t.polls += 1
         t.last_poll_local = now
@@ -178,11 +181,14 @@ class PollScheduler:
         return False
 
     def report_error(self, t: Tracked) -> None:
-        """The query itself failed (retries exhausted): look again later instead of dropping the task."""
+        """The query itself failed (retries exhausted): look again later instead of dropping the task, backing off
+        so that a task the service cannot answer for costs a few rounds, not one per interval until its timeout."""
         self._hand_back(t)
         now = anyio.current_time()
         t.last_poll_local = now
-        self._push(t, now + self.min_interval_s * 5 / self.speedup)
+        t.failed_rounds += 1
+        wait = min(self.min_interval_s * 5 * 2 ** (t.failed_rounds - 1), self.max_interval_s)
+        self._push(t, now + wait / self.speedup)
         self._wake()
 
     def discard(self, t: Tracked) -> None:

@@ -573,11 +573,6 @@ async def test_tasks_past_the_timeout_end_timed_out_and_queued_ones_are_withdraw
     assert_clean_output(config, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lpengine/stages/poll.py PollScheduler.report_error re-polls a task whose queries keep failing every "
-    "5 x min_interval_s with no backoff: requests grow with task_timeout_s, not with items (reported)",
-)
 async def test_a_task_whose_queries_keep_failing_is_not_polled_in_a_loop(
     tmp_path: Path, portraits: list[Path], emulator: RunningEmulator, fast_retries: None
 ) -> None:
