@@ -43,7 +43,6 @@ __all__ = [
     "MediaError",
     "inspect_audio",
     "inspect_image",
-    "sha256_file",
     "verify_mp4",
 ]
 
@@ -76,8 +75,6 @@ _AUDIO_FORMATS: Final[dict[str, tuple[str, str]]] = {
     "wav": ("audio/wav", ".wav"),
     "mp3": ("audio/mpeg", ".mp3"),
 }
-
-_HASH_CHUNK: Final = _MIB
 
 
 class MediaError(InputRejectedError):
@@ -596,15 +593,6 @@ def inspect_audio(path: Path, *, max_seconds: float = AUDIO_MAX_SECONDS) -> Audi
 
 
 # ------------------------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path) -> str:
-    """Hash a file of any size in constant memory (results can be large videos)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------- video

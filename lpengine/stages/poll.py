@@ -111,9 +111,6 @@ class PollScheduler:
 
     # -- consumer side ----------------------------------------------------------------------------------------
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     def pending_items(self) -> list[Item]:
         """Items whose task was last seen queued at the service (a stop may withdraw them)."""
         return [t.item for t in self._tasks.values() if t.status is TaskStatus.PENDING]
