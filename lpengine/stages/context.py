@@ -76,12 +76,6 @@ class StageContext:
             raise RuntimeError("a paid stage ran in dry-run mode")
         return self.client
 
-    def service_seconds(self, local_seconds: float) -> float:
-        return local_seconds * self.speedup
-
-    def local_seconds(self, service_seconds: float) -> float:
-        return service_seconds / self.speedup
-
     async def save(self, item: Item, **extra: Any) -> None:
         """Commit the item's progress (write-ahead: call before each paid step and after each result)."""
         await self.store.put(

@@ -51,14 +51,6 @@ class Tracked:
     in_hand: bool = False
     poll_now: bool = False
     """Resumed from an earlier run: its real submit time is unknown, so look at it at once."""
-    predicted_end_local: float = 0.0
-
-
-@dataclass
-class PollStats:
-    queries: int = 0
-    tasks_done: int = 0
-    ratio: float = 0.0
 
 
 @dataclass
@@ -82,7 +74,6 @@ class PollScheduler:
     _offsets: list[float] = field(default_factory=list)
     _runner_free_local: float = 0.0
     _ratios: list[float] = field(default_factory=list)
-    stats: PollStats = field(default_factory=PollStats)
 
     # -- producer side ----------------------------------------------------------------------------------------
 
@@ -162,7 +153,6 @@ class PollScheduler:
         now = anyio.current_time()
         self._hand_back(t)
         t.failed_rounds = 0
-        self.stats.queries += 1
         t.polls += 1
         t.last_poll_local = now
         t.status = info.status
@@ -204,7 +194,6 @@ class PollScheduler:
 
     def _finished(self, t: Tracked, info: TaskInfo, now: float) -> None:
         self._tasks.pop(t.seq, None)
-        self.stats.tasks_done += 1
         if info.end_time is not None:
             end_local = self._to_local(_seconds(info.end_time))
             if end_local is not None:
@@ -215,7 +204,6 @@ class PollScheduler:
                     self._ratios.append(run / t.audio_s)
                     del self._ratios[:-20]
                     self.ratio = statistics.median(self._ratios)
-                    self.stats.ratio = self.ratio
         self._replan(now)
 
     # -- prediction -------------------------------------------------------------------------------------------
@@ -236,7 +224,6 @@ class PollScheduler:
                 if started is not None:
                     start = started
             end = start + run_local
-            t.predicted_end_local = end
             free = end
             if t.in_hand:
                 continue
