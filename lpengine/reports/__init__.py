@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 from lpengine.models import ItemResult, ItemState, RunReport
 from lpengine.reports.html_report import write_html_report
@@ -42,24 +45,46 @@ def _row(result: ItemResult) -> dict[str, object]:
     return row
 
 
-def _atomic_write(path: Path, text: str) -> None:
+@contextmanager
+def _replacing(path: Path, *, newline: str | None = None) -> Iterator[TextIO]:
+    """A temporary file that replaces `path` only once it is completely written: no reader sees half a report."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8", newline=newline) as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_json(fh: TextIO, report: RunReport) -> None:
+    """The bytes of `json.dumps({"summary": …, "items": […]}, ensure_ascii=False, indent=1)`, one row at a time.
+
+    Each value is dumped alone and indented by its depth; every newline in a dump is layout (JSON escapes the ones
+    inside strings), so prefixing them is exactly what the whole-document dump would have done.
+    """
+    summary = json.dumps(report.summary(), ensure_ascii=False, indent=1).replace("\n", "\n ")
+    fh.write(f'{{\n "summary": {summary},\n "items": [')
+    separator = "\n  "
+    for result in report.items:
+        fh.write(separator + json.dumps(result.to_dict(), ensure_ascii=False, indent=1).replace("\n", "\n  "))
+        separator = ",\n  "
+    fh.write("]\n}" if separator == "\n  " else "\n ]\n}")
 
 
 def write_reports(report: RunReport, out_dir: Path, *, extra: dict[str, object] | None = None) -> None:
-    """report.json, report.csv and report.html in the output folder, each written atomically."""
+    """report.json, report.csv and report.html in the output folder, each written atomically.
+
+    Each is written row by row while `report.items` is read, so memory does not depend on the number of items.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"summary": report.summary(), "items": [r.to_dict() for r in report.items]}
-    _atomic_write(out_dir / "report.json", json.dumps(payload, ensure_ascii=False, indent=1))
-    tmp = out_dir / ".report.csv.tmp"
-    with tmp.open("w", encoding="utf-8", newline="") as fh:
+    with _replacing(out_dir / "report.json") as fh:
+        _write_json(fh, report)
+    with _replacing(out_dir / "report.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for result in report.items:
             writer.writerow(_row(result))
-    os.replace(tmp, out_dir / "report.csv")
     write_html_report(report, out_dir, extra=extra)
 
 
