@@ -127,11 +127,14 @@ def _summary_lines(report: RunReport, config: BatchConfig) -> list[str]:
     for state, n in report.counts.items():
         lines.append(f"  {state:<17} {n}")
     reasons: dict[str, int] = {}
-    for r in report.items:
-        if r.state is not ItemState.SUCCEEDED:
-            reasons[f"{r.state.value}: {r.reason}"] = reasons.get(f"{r.state.value}: {r.reason}", 0) + 1
+    if not report.ok:  # a clean run's rows need not be read back from disk at all
+        for r in report.items:
+            if r.state is not ItemState.SUCCEEDED:
+                # keyed by the text shown: a key per distinct reason, each at most one line long
+                text = f"{r.state.value}: {r.reason}"[:160]
+                reasons[text] = reasons.get(text, 0) + 1
     for text, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
-        lines.append(f"  ✗ {n}× {text[:160]}")
+        lines.append(f"  ✗ {n}× {text}")
     lines.append(f"videos and report.json / report.csv in {config.output_dir}")
     return lines
 
@@ -328,18 +331,20 @@ def report(config: ConfigArg, output: OutputOpt = None) -> None:
 
 
 async def _rebuild(cfg: BatchConfig) -> RunReport:
+    """The rows go through a spool file as in a run, so a 100k-item rebuild holds none of them in memory."""
     from lpengine.reports import result_from_state, write_reports
+    from lpengine.reports.spool import ResultSpool, spool_dir
     from lpengine.state.store import SqliteStateStore
 
     pricing = cfg.pricing
     async with SqliteStateStore(cfg.state_path) as store:
-        items = tuple(
-            [
-                result_from_state(row.data, pricing.detect_per_image, pricing.video_per_second)
-                async for row in store.items()
-            ]
-        )
-    rebuilt = RunReport(items=items, wall_time_s=0.0)
+        spool = await anyio.to_thread.run_sync(ResultSpool.create, spool_dir(cfg.state_path))
+        try:
+            async for row in store.items():
+                spool.append(result_from_state(row.data, pricing.detect_per_image, pricing.video_per_second))
+        finally:
+            spool.close()
+    rebuilt = RunReport(items=spool.results(), wall_time_s=0.0, totals=spool.totals)
     await anyio.to_thread.run_sync(write_reports, rebuilt, cfg.output_dir)
     return rebuilt
 

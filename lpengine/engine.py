@@ -40,6 +40,7 @@ from lpengine.models import Item, ItemResult, ItemSpec, ItemState, RunReport, St
 from lpengine.orchestrator import Orchestrator
 from lpengine.plan import Namer, PlanProblem, input_problems, iter_plan
 from lpengine.reports import write_reports
+from lpengine.reports.spool import ResultSpool, spool_dir
 from lpengine.stages.context import ProgressEvent, StageContext
 from lpengine.stages.upload import load_audio, prepare
 from lpengine.state.lock import BatchLock
@@ -54,11 +55,12 @@ _MAX_AUDIO_S = 180.0
 
 @dataclass
 class _Batch:
-    """Collects the results of one `run()` without holding an event per item."""
+    """Collects the results of one `run()` without holding an event per item, or its results: they go to the
+    spool file as they finish (a 100k-item run must not grow with the batch)."""
 
+    spool: ResultSpool
     remaining: int = 0
     fed_all: bool = False
-    results: list[ItemResult] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def check(self) -> None:
@@ -322,36 +324,40 @@ class Engine:
         """
         ctx = self.ctx
         started = time.perf_counter()
-        batch = _Batch()
+        batch = _Batch(await anyio.to_thread.run_sync(ResultSpool.create, spool_dir(self.config.state_path)))
         pricing = self.config.pricing
 
         def done(item: Item) -> None:
-            batch.results.append(item.result(pricing.detect_per_image, pricing.video_per_second))
+            batch.spool.append(item.result(pricing.detect_per_image, pricing.video_per_second))
             batch.remaining -= 1
             batch.check()
 
-        count = 0
-        async for entry in self._plan():
-            if (limit is not None and count >= limit) or self._pipeline_scope.cancel_called:
-                break
-            count += 1
-            batch.remaining += 1
-            if on_planned is not None:
-                on_planned(count)
-            if isinstance(entry, PlanProblem):
-                done(_problem_item(entry, self.config.video))
-                continue
-            await self._feed(Item(spec=entry), done)
-        batch.fed_all = True
-        batch.check()
-        await batch.done.wait()
+        try:
+            count = 0
+            async for entry in self._plan():
+                if (limit is not None and count >= limit) or self._pipeline_scope.cancel_called:
+                    break
+                count += 1
+                batch.remaining += 1
+                if on_planned is not None:
+                    on_planned(count)
+                if isinstance(entry, PlanProblem):
+                    done(_problem_item(entry, self.config.video))
+                    continue
+                await self._feed(Item(spec=entry), done)
+            batch.fed_all = True
+            batch.check()
+            await batch.done.wait()
+        finally:
+            batch.spool.close()  # flushed on cancellation too: the rows so far stay readable
         client = ctx.api
         report = RunReport(
-            items=tuple(batch.results),
+            items=batch.spool.results(),
             wall_time_s=time.perf_counter() - started,
             api_requests={m.name: m.requests for m in client.budget.stats()},
             throttled=sum(m.throttled for m in client.budget.stats()),
             retries=client.retries,
+            totals=batch.spool.totals,
         )
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(write_reports, report, self.config.output_dir)

@@ -10,7 +10,8 @@ import enum
 import hashlib
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lpengine.config import VideoParams
@@ -150,45 +151,100 @@ class ItemResult:
     resumed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["state"] = self.state.value
-        return data
+        """Plain JSON types, keys in field order (report.json's row layout). Spelled out rather than
+        `dataclasses.asdict`, whose recursive deep copy costs more than the rest of writing a row."""
+        return {
+            "input": self.input,
+            "output": self.output,
+            "state": self.state.value,
+            "reason": self.reason,
+            "detect_message": self.detect_message,
+            "task_id": self.task_id,
+            "task_code": self.task_code,
+            "video_duration": self.video_duration,
+            "submit_attempts": self.submit_attempts,
+            "timings": dict(self.timings),
+            "cost_cny": self.cost_cny,
+            "resumed": self.resumed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ItemResult:
+        """The inverse of `to_dict` (JSON keeps every field exactly; only the state needs its enum back)."""
+        return cls(**{**data, "state": ItemState(data["state"])})
+
+
+@dataclass(slots=True)
+class ResultTotals:
+    """Counts and cost of a run's results, added up as they are written, so that a report's aggregates never need
+    the rows again (an engine run keeps its rows in a file, not in memory)."""
+
+    items: int = 0
+    by_state: Counter[ItemState] = field(default_factory=Counter)
+    cost_cny: float = 0.0
+    """Unrounded: rounding each partial sum would drift from the rounded total of the rows."""
+
+    def add(self, result: ItemResult) -> None:
+        self.items += 1
+        self.by_state[result.state] += 1
+        self.cost_cny += result.cost_cny
+
+    @classmethod
+    def of(cls, results: Iterable[ItemResult]) -> ResultTotals:
+        totals = cls()
+        for result in results:
+            totals.add(result)
+        return totals
 
 
 @dataclass(frozen=True, slots=True)
 class RunReport:
-    """The outcome of one run; `raise_for_failures()` for callers that want an exception."""
+    """The outcome of one run; `raise_for_failures()` for callers that want an exception.
 
-    items: tuple[ItemResult, ...]
+    `items` is any sequence of rows. `Engine.run()` passes a read-only view of the run's results file (rows are read
+    from disk each time it is iterated, so a 100k-item report costs no memory; see docs/library.md) together with
+    `totals` counted while the rows were written. Built from rows in memory, the totals are counted here.
+    """
+
+    items: Sequence[ItemResult]
     wall_time_s: float
     dry_run: bool = False
     api_requests: dict[str, int] = field(default_factory=dict)
     throttled: int = 0
     retries: int = 0
+    totals: ResultTotals | None = None
+
+    def __post_init__(self) -> None:
+        if self.totals is None:
+            object.__setattr__(self, "totals", ResultTotals.of(self.items))
+
+    @property
+    def _totals(self) -> ResultTotals:
+        assert self.totals is not None  # set by __post_init__
+        return self.totals
 
     @property
     def counts(self) -> dict[str, int]:
-        counter = Counter(r.state.value for r in self.items)
-        return {state.value: counter.get(state.value, 0) for state in ItemState if counter.get(state.value)}
+        by_state = self._totals.by_state
+        return {state.value: by_state[state] for state in ItemState if by_state[state]}
 
     @property
     def cost_cny(self) -> float:
-        return round(sum(r.cost_cny for r in self.items), 6)
+        return round(self._totals.cost_cny, 6)
 
     @property
     def ok(self) -> bool:
-        return all(r.state is ItemState.SUCCEEDED for r in self.items)
+        return self._totals.by_state[ItemState.SUCCEEDED] == self._totals.items
 
     def raise_for_failures(self) -> None:
         from lpengine.errors import BatchFailedError
 
-        failed = [r for r in self.items if r.state is not ItemState.SUCCEEDED]
-        if failed:
-            raise BatchFailedError(failed)
+        if not self.ok:
+            raise BatchFailedError([r for r in self.items if r.state is not ItemState.SUCCEEDED])
 
     def summary(self) -> dict[str, Any]:
         return {
-            "items": len(self.items),
+            "items": self._totals.items,
             "counts": self.counts,
             "cost_cny": self.cost_cny,
             "wall_time_s": round(self.wall_time_s, 3),

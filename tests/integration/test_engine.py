@@ -8,6 +8,7 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -17,6 +18,7 @@ from PIL import Image
 from lpengine import Engine, ItemState, ProgressEvent, load_config
 from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
 from lpengine.media import verify_mp4
+from lpengine.reports.spool import SpooledResults
 from tests.helpers import write_batch
 
 pytestmark = pytest.mark.anyio
@@ -241,3 +243,33 @@ async def test_cancelling_the_caller_stops_cleanly_and_resumes(
     assert any(r.resumed for r in report.items)
     stats = emulator.stats()  # type: ignore[attr-defined]
     assert set(stats.submissions_per_image.values()) == {1}
+
+
+async def test_run_keeps_results_in_its_spool_file_not_in_memory(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
+    """`report.items` is read from the run's spool beside the state store (an edit there shows through), each run
+    gets its own, and report.json holds the same document as the whole-report dump did."""
+    small = {"faces": dataset["faces"][:3], "non_faces": dataset["non_faces"][:1], "bad": dataset["bad"][:1]}
+    config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
+    async with Engine(config, api_key=KEY) as engine:
+        first = await engine.run()
+        second = await engine.run()
+    assert isinstance(first.items, SpooledResults) and isinstance(second.items, SpooledResults)
+    spools = sorted((tmp_path / "out" / ".lpengine" / "state.runs").glob("*.jsonl"))
+    assert sorted([first.items.path, second.items.path]) == spools and len(spools) == 2
+    rows = list(second.items)
+    assert rows == list(second.items) and len(rows) == len(second.items) == 5
+    assert Counter(r.state for r in rows) == {
+        ItemState.SUCCEEDED: 3,
+        ItemState.DETECT_FAILED: 1,
+        ItemState.REJECTED_LOCALLY: 1,
+    }
+    assert second.summary() == replace(second, items=tuple(rows), totals=None).summary()
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written == json.loads(json.dumps({"summary": second.summary(), "items": [r.to_dict() for r in rows]}))
+
+    lines = first.items.path.read_text().splitlines()
+    edited = {**json.loads(lines[0]), "reason": "edited on disk"}
+    first.items.path.write_text("\n".join([json.dumps(edited), *lines[1:]]) + "\n")
+    assert next(iter(first.items)).reason == "edited on disk"
