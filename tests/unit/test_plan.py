@@ -60,6 +60,22 @@ def test_folder_plan_lists_images_and_refuses_escaping_symlinks(tmp_path: Path) 
     assert len(problems) == 1 and "symlink pointing outside" in problems[0].message
 
 
+def test_folder_and_glob_scans_pick_and_order_files_by_path(tmp_path: Path) -> None:
+    """A folder takes image suffixes in any case (`..jpg` has one, the hidden `.jpg` has none); a glob takes what
+    it matches except folders; both in path order."""
+    photos = tmp_path / "photos"
+    for name in ("b.jpg", "..jpg", ".jpg", "X.JPG", "notes.txt", "sub/c.jpg"):
+        write(photos / name, "x")
+    (photos / "dir.jpg").mkdir()
+
+    def sources(images: str) -> list[str]:
+        cfg = load_config(write(tmp_path / "b.yaml", f"inputs:\n  images: '{images}'\naudio: v.wav\n"))
+        return [Path(entry.source).relative_to(photos).as_posix() for entry in iter_plan(cfg)]
+
+    assert sources("photos") == ["..jpg", "X.JPG", "b.jpg", "dir.jpg"]
+    assert sources("photos/**/*.jpg") == ["b.jpg", "sub/c.jpg"]
+
+
 def test_manifest_rows_each_get_one_message(tmp_path: Path) -> None:
     """Bad rows are reported with file:line and the fix; good rows carry their overrides."""
     manifest = write(
