@@ -4,6 +4,12 @@ SQLite in WAL mode: a committed transaction survives the process being killed at
 may drop the last few with `synchronous=NORMAL`, never corrupt the file). The engine commits *before* each paid
 or irreversible step and *after* each result (write-ahead discipline); see docs/cron.md for the resume rules.
 
+Statements run on the event loop's own thread, deliberately. With WAL and `synchronous=NORMAL` a commit appends
+to the WAL file without fsync: a point write or read takes 10–30 µs, while handing it to a worker thread
+(aiosqlite did) cost ~100 µs of CPU in futexes and loop wake-ups, the largest single cost per item at 100k items
+(docs/benchmarks.md). Only a WAL checkpoint (every ~1000 pages) fsyncs, a few ms now and then; the only other
+writer would be a second run, which the run lock excludes. Bulk reads yield between chunks.
+
 `StateStore` is the seam: a server database can implement the same protocol for several machines sharing an
 account.
 """
@@ -11,6 +17,7 @@ account.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +25,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-import aiosqlite
 import anyio
 
 _SCHEMA = """
@@ -56,6 +62,9 @@ CREATE TABLE IF NOT EXISTS task_claims (
     claimed_wall REAL NOT NULL
 );
 """
+
+_BUSY_TIMEOUT_S = 5.0  # backstop only: readers in other processes (`lpengine status`) never block a WAL writer
+_CHUNK_ROWS = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,42 +108,47 @@ class SqliteStateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None
 
     async def __aenter__(self) -> Self:
         await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
-        # Autocommit: every statement is its own committed transaction, as `execute` + `commit` was, in one trip
-        # to the connection's thread instead of two (thread hand-offs dominate the engine's CPU per item).
-        self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._db.executescript(_SCHEMA)
+        # Autocommit: every statement is its own committed transaction.
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._db is not None:
-            # Closing must finish even when the run is being cancelled, or the last commits could be lost.
-            with anyio.CancelScope(shield=True):
-                await self._db.close()
+            self._db.close()
             self._db = None
 
     @property
-    def db(self) -> aiosqlite.Connection:
+    def db(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError("state store used outside `async with`")
         return self._db
 
     async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
-        # Shielded: a write that started must reach the disk even if the run is cancelled meanwhile.
-        with anyio.CancelScope(shield=True):
-            await self.db.execute(sql, args)  # autocommit: committed when it returns
+        # Synchronous, so a write that started reaches the disk even if the run is being cancelled meanwhile.
+        self.db.execute(sql, args)  # autocommit: committed when it returns
 
     async def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
-        """The first row of a query, in one trip to the connection's thread (a cursor takes three)."""
-        rows = await self.db.execute_fetchall(sql, args)
-        return next(iter(rows), None)
+        return self.db.execute(sql, args).fetchone()
+
+    async def _all(self, sql: str, args: tuple[Any, ...] = ()) -> AsyncIterator[Any]:
+        """Rows in chunks, yielding to the loop between them (a 100k-row scan must not stall the batch)."""
+        cur = self.db.execute(sql, args)
+        try:
+            while rows := cur.fetchmany(_CHUNK_ROWS):
+                for row in rows:
+                    yield row
+                await anyio.lowlevel.checkpoint()
+        finally:
+            cur.close()
 
     async def get(self, item_id: str) -> StoredItem | None:
         row = await self._one(
@@ -208,19 +222,18 @@ class SqliteStateStore:
 
         `wall` is the local time the id became known: with the list's `gmt_create` it calibrates the service clock.
         """
-        with anyio.CancelScope(shield=True):
-            cur = await self.db.execute(
-                "INSERT OR IGNORE INTO task_claims (task_id, item_id, claimed_wall) VALUES (?, ?, ?)",
-                (task_id, item_id, wall),
-            )
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO task_claims (task_id, item_id, claimed_wall) VALUES (?, ?, ?)",
+            (task_id, item_id, wall),
+        )
         if cur.rowcount == 1:
             return True
         row = await self._one("SELECT item_id FROM task_claims WHERE task_id = ?", (task_id,))
         return bool(row and row[0] == item_id)
 
     async def claim_times(self) -> dict[str, float]:
-        rows = await self.db.execute_fetchall("SELECT task_id, claimed_wall FROM task_claims")
-        return {str(r[0]): float(r[1]) for r in rows}
+        rows = self._all("SELECT task_id, claimed_wall FROM task_claims")
+        return {str(r[0]): float(r[1]) async for r in rows}
 
     async def claimed_since(self, item_id: str, wall: float) -> str | None:
         """The task this item claimed at or after `wall` (a crash can fall between the claim and the item's save)."""
@@ -232,29 +245,27 @@ class SqliteStateStore:
 
     async def inflight_submits(self) -> list[tuple[str, float]]:
         """Items whose submit was sent but whose answer never arrived, with the local send time."""
-        rows = await self.db.execute_fetchall(
+        rows = self._all(
             "SELECT item_id, json_extract(data, '$.submit_inflight_wall') FROM items "
             "WHERE task_id IS NULL AND json_extract(data, '$.submit_inflight_wall') IS NOT NULL"
         )
-        return [(str(r[0]), float(r[1])) for r in rows]
+        return [(str(r[0]), float(r[1])) async for r in rows]
 
     async def created_keys(self) -> list[str]:
-        rows = await self.db.execute_fetchall("SELECT DISTINCT created_key FROM uploads WHERE created_key IS NOT NULL")
-        return [str(r[0]) for r in rows]
+        rows = self._all("SELECT DISTINCT created_key FROM uploads WHERE created_key IS NOT NULL")
+        return [str(r[0]) async for r in rows]
 
     async def forget_created_keys(self, keys: list[str]) -> None:
-        with anyio.CancelScope(shield=True):
-            await self.db.execute("BEGIN")  # one transaction for the lot (autocommit would commit each row)
-            await self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
-            await self.db.execute("COMMIT")
+        self.db.execute("BEGIN")  # one transaction for the lot (autocommit would commit each row)
+        self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
+        self.db.execute("COMMIT")
 
     async def items(self) -> AsyncIterator[StoredItem]:
         """Every item, streamed (reports of 100k items must not load them all at once)."""
-        async with self.db.execute(
+        async for row in self._all(
             "SELECT item_id, output_name, state, stage, task_id, data FROM items ORDER BY output_name"
-        ) as cur:
-            async for row in cur:
-                yield _stored(row)
+        ):
+            yield _stored(row)
 
 
 def _stored(row: Any) -> StoredItem:
