@@ -7,9 +7,11 @@ cost a detect call. The voice track is shared by every item, so it is checked on
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -22,6 +24,8 @@ from lpengine.storage.base import DETECT_MODEL, SYNTHESIS_MODEL, LocalFile, Publ
 
 MODELS = (DETECT_MODEL, SYNTHESIS_MODEL)
 _UNKNOWN_AUDIO_S = 10.0  # duration guess for audio given only by URL (used for scheduling and estimates)
+_INLINE_BYTES = 256 * 1024
+_Info = TypeVar("_Info")
 
 
 class _FileInfo(Protocol):
@@ -54,10 +58,20 @@ async def load_audio(ctx: StageContext, ref: str) -> AudioTrack:
         if is_url(ref):
             track = AudioTrack(file=None, url=ref, duration_s=_UNKNOWN_AUDIO_S)
         else:
-            info = await anyio.to_thread.run_sync(inspect_audio, Path(ref))
+            info = await _inspect(inspect_audio, Path(ref))
             track = AudioTrack(file=_local(info), url=None, duration_s=info.duration_s)
         ctx.audio[ref] = track
     return track
+
+
+async def _inspect(check: Callable[[Path], _Info], path: Path) -> _Info:
+    """Small files are checked on the loop's thread: a worker-thread hand-off costs more CPU (~0.1 ms) than
+    reading and hashing 256 KB. Bigger ones go to a thread, so a 12 MB photo never stalls the batch."""
+    try:
+        small = os.stat(path).st_size <= _INLINE_BYTES
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        small = True  # the check itself reports the problem, naming the file
+    return check(path) if small else await anyio.to_thread.run_sync(check, path)
 
 
 async def prepare(ctx: StageContext, item: Item) -> None:
@@ -73,7 +87,7 @@ async def prepare(ctx: StageContext, item: Item) -> None:
         if is_url(item.spec.image):
             image_sha = hashlib.sha256(item.spec.image.encode()).hexdigest()
         else:
-            info = await anyio.to_thread.run_sync(inspect_image, Path(item.spec.image))
+            info = await _inspect(inspect_image, Path(item.spec.image))
             item.image = _local(info)
             image_sha = info.sha256
     except InputRejectedError as exc:
@@ -102,10 +116,9 @@ async def _output_verified(item: Item) -> bool:
     if not item.output_path or item.output_size is None:
         return False
     try:
-        stat = await anyio.Path(item.output_path).stat()
+        return os.stat(item.output_path).st_size == item.output_size
     except OSError:
         return False
-    return stat.st_size == item.output_size
 
 
 async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
