@@ -7,6 +7,7 @@ traversal and guessing get 404 whatever the request looks like.
 
 from __future__ import annotations
 
+import os
 import secrets
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,17 @@ from aiohttp import web
 from lpengine.config import FileServerStorageConfig
 from lpengine.errors import StorageError
 from lpengine.storage.base import LocalFile, Published
+
+_INLINE_BYTES = 256 * 1024
+
+
+def _read_if_small(path: Path) -> bytes | None:
+    """Small files are read on the loop's thread: FileResponse stats and opens each file through the default
+    executor, two thread hand-offs that cost more CPU than reading 256 KB (docs/benchmarks.md)."""
+    if os.stat(path).st_size > _INLINE_BYTES:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
 
 
 class FileServerStorage:
@@ -63,6 +75,12 @@ class FileServerStorage:
         if request.match_info["prefix"] != self._prefix or entry is None:
             raise web.HTTPNotFound()
         path, content_type = entry
+        try:
+            body = _read_if_small(path)
+        except OSError:
+            raise web.HTTPNotFound() from None
+        if body is not None:
+            return web.Response(body=body, content_type=content_type)
         return web.FileResponse(path, headers={"Content-Type": content_type})
 
     async def publish(self, file: LocalFile, *, model: str, valid_for: timedelta) -> Published:
