@@ -34,7 +34,7 @@ class RateMeter:
         self._base_interval = 1.0 / qps
         self._interval = self._base_interval
         self._next = 0.0  # earliest time the next request may leave
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # an uncontended take need not cost a trip round the loop
         self._requests = 0
         self._throttled = 0
 
@@ -64,7 +64,7 @@ class EndpointBudget:
 
     def __init__(self, qps: dict[str, float], max_concurrent: int) -> None:
         self.meters = {name: RateMeter(name, rate) for name, rate in qps.items()}
-        self.in_flight = anyio.CapacityLimiter(max_concurrent)
+        self.in_flight = anyio.Semaphore(max_concurrent, fast_acquire=True)
 
     def meter(self, family: str) -> RateMeter:
         return self.meters[family]

@@ -33,7 +33,7 @@ class TaskStatus(enum.StrEnum):
 
 _TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.UNKNOWN})
 
-_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+_SHORTEST = len("YYYY-MM-DD hh:mm:ss")
 
 
 def parse_service_time(value: object) -> datetime | None:
@@ -41,12 +41,11 @@ def parse_service_time(value: object) -> datetime | None:
     if not isinstance(value, str) or not value:
         return None
     try:
-        return datetime.strptime(value, _TIME_FORMAT)
+        moment = datetime.fromisoformat(value)  # C speed: strptime took 6 µs, three times per task
     except ValueError:
-        try:
-            return datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
-        except ValueError:
-            return None
+        return None
+    # fromisoformat also takes dates alone and zoned times; the wire format is neither.
+    return moment if moment.tzinfo is None and len(value) >= _SHORTEST else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ class StageContext:
     log: BatchLog
     on_event: Callable[[ProgressEvent], None] | None = None
     url_lifetime: timedelta = timedelta(hours=2)
-    window: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(4))
+    window: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(4, fast_acquire=True))
     audio: dict[str, AudioTrack] = field(default_factory=dict)
     locks: dict[tuple[str, str], anyio.Lock] = field(default_factory=dict)
     """Per-content locks, so concurrent copies of one file publish or detect once."""
@@ -62,7 +62,8 @@ class StageContext:
         otherwise keep two locks per image, ~1.8 KB each, to the end)."""
         lock = self.locks.get(key)
         if lock is None:
-            lock = self.locks[key] = anyio.Lock()
+            # fast_acquire: an uncontended lock (nearly all of them) is taken without a trip round the event loop
+            lock = self.locks[key] = anyio.Lock(fast_acquire=True)
         try:
             async with lock:
                 yield
