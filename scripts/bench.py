@@ -581,6 +581,19 @@ def _client_lpengine(spec: dict[str, Any]) -> dict[str, Any]:
             },
         }
 
+    if spec.get("profile") == "cprofile":
+        import cProfile
+        import pstats
+
+        cprof = cProfile.Profile()
+        cprof.enable()
+        try:
+            return anyio.run(main)
+        finally:
+            cprof.disable()
+            cprof.dump_stats(str(Path(spec["root"], "profile-lpengine.pstats")))
+            with Path(spec["root"], "profile-lpengine.cprofile.txt").open("w", encoding="utf-8") as fh:
+                pstats.Stats(cprof, stream=fh).sort_stats("tottime").print_stats(60)
     if spec.get("profile") == "pyinstrument":
         from pyinstrument import Profiler
 
@@ -854,7 +867,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile",
-        choices=["pyinstrument", "py-spy", "strace", "tracemalloc"],
+        choices=["pyinstrument", "py-spy", "cprofile", "strace", "tracemalloc"],
         help="profile the lpengine client (report in --workdir; see `top_functions`)",
     )
     p.add_argument("--workdir", type=Path, help="keep inputs, outputs and profiles here")
