@@ -9,18 +9,18 @@ import json
 import mimetypes
 import re
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 import aiohttp
 import anyio
-import stamina
 import structlog
 from pydantic import SecretStr
 
 from lpengine.client.limits import EndpointBudget
+from lpengine.client.retry import call_with_retries
 from lpengine.client.wire import (
     DetectResult,
     SubmitResult,
@@ -44,6 +44,7 @@ from lpengine.errors import (
 log = structlog.get_logger("lpengine.client")
 
 Family = Literal["detect", "submit", "query", "upload"]
+T = TypeVar("T")
 
 DETECT_PATH = "/services/aigc/image2video/face-detect"
 SYNTHESIS_PATH = "/services/aigc/image2video/video-synthesis"
@@ -185,27 +186,15 @@ class DashScopeClient:
             meter.on_success()
             return body
 
-    def _retrying(self) -> AsyncIterator[stamina.Attempt]:
+    async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt` under the configured retry policy, counting the retries made (for the run report)."""
         retry = self._config.retry
-        return aiter(
-            stamina.retry_context(
-                on=self._should_retry,
-                attempts=retry.attempts,
-                timeout=retry.total_timeout_s,
-                wait_initial=retry.initial_wait_s,
-                wait_max=retry.max_wait_s,
-                wait_jitter=retry.initial_wait_s,
-            )
+        return await call_with_retries(
+            attempt, retry_on=is_retryable, policy=retry, timeout_s=retry.total_timeout_s, on_retry=self._count
         )
 
-    @staticmethod
-    def _should_retry(exc: Exception) -> bool:
-        return is_retryable(exc)
-
-    def _count(self, attempt: stamina.Attempt) -> None:
-        """Retries actually made (stamina also asks the hook after the last attempt, so count attempts instead)."""
-        if attempt.num > 1:
-            self.retries += 1
+    def _count(self) -> None:
+        self.retries += 1
 
     async def _call(
         self,
@@ -218,21 +207,16 @@ class DashScopeClient:
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """An idempotent call: retried on retryable errors and on any network fault."""
-        async for attempt in self._retrying():
-            self._count(attempt)
-            with attempt:
-                try:
-                    return await self._once(
-                        family,
-                        method,
-                        path,
-                        json_body=json_body,
-                        params=params,
-                        headers=headers or self._headers(),
-                    )
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise NetworkError(f"{method} {path}: {exc.__class__.__name__}") from None
-        raise AssertionError("unreachable: stamina re-raises after the last attempt")  # pragma: no cover
+
+        async def attempt() -> dict[str, Any]:
+            try:
+                return await self._once(
+                    family, method, path, json_body=json_body, params=params, headers=headers or self._headers()
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise NetworkError(f"{method} {path}: {exc.__class__.__name__}") from None
+
+        return await self._retried(attempt)
 
     # -- endpoints ------------------------------------------------------------------------------------------
 
@@ -261,25 +245,25 @@ class DashScopeClient:
             "parameters": params.model_dump(),
         }
         headers = self._headers(async_call=True, resolve=_needs_resolve(image_url, audio_url))
-        async for attempt in self._retrying():
-            self._count(attempt)
-            with attempt:
-                sent_at = anyio.current_time()
-                try:
-                    body = await self._once("submit", "POST", SYNTHESIS_PATH, json_body=payload, headers=headers)
-                except aiohttp.ClientConnectorError as exc:
-                    raise NetworkError(f"submit: cannot connect ({exc.__class__.__name__})") from None
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise AmbiguousSubmitError(
-                        f"submit outcome unknown ({exc.__class__.__name__}); reconcile before resubmitting",
-                        sent_at=sent_at,
-                    ) from None
-                out = body.get("output") or {}
-                task_id = out.get("task_id")
-                if not task_id:
-                    raise AmbiguousSubmitError("submit answered 200 without a task_id", sent_at=sent_at)
-                return SubmitResult(str(task_id), TaskStatus.parse(out.get("task_status")), body.get("request_id"))
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        async def attempt() -> SubmitResult:
+            sent_at = anyio.current_time()
+            try:
+                body = await self._once("submit", "POST", SYNTHESIS_PATH, json_body=payload, headers=headers)
+            except aiohttp.ClientConnectorError as exc:
+                raise NetworkError(f"submit: cannot connect ({exc.__class__.__name__})") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise AmbiguousSubmitError(
+                    f"submit outcome unknown ({exc.__class__.__name__}); reconcile before resubmitting",
+                    sent_at=sent_at,
+                ) from None
+            out = body.get("output") or {}
+            task_id = out.get("task_id")
+            if not task_id:
+                raise AmbiguousSubmitError("submit answered 200 without a task_id", sent_at=sent_at)
+            return SubmitResult(str(task_id), TaskStatus.parse(out.get("task_status")), body.get("request_id"))
+
+        return await self._retried(attempt)
 
     async def get_task(self, task_id: str) -> TaskInfo:
         """§4. FAILED/UNKNOWN come back as results."""
@@ -325,31 +309,30 @@ class DashScopeClient:
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
         data = await anyio.Path(path).read_bytes()
 
-        async for attempt in self._retrying():
-            self._count(attempt)
-            with attempt:
-                form = aiohttp.FormData()
-                form.add_field("OSSAccessKeyId", policy.oss_access_key_id)
-                form.add_field("Signature", policy.signature)
-                form.add_field("policy", policy.policy)
-                form.add_field("key", key)
-                form.add_field("x-oss-object-acl", policy.x_oss_object_acl)
-                form.add_field("x-oss-forbid-overwrite", policy.x_oss_forbid_overwrite)
-                form.add_field("x-oss-content-type", content_type)
-                form.add_field("success_action_status", "200")
-                form.add_field("file", data, filename=filename, content_type=content_type)  # must be last
-                try:
-                    async with (
-                        self.budget.in_flight,
-                        self.session.post(policy.upload_host, data=form) as resp,
-                    ):
-                        text = await resp.text()
-                        if resp.status != 200:
-                            raise classify_error(resp.status, _xml_or_json_error(text), text)
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise NetworkError(f"temporary upload: {exc.__class__.__name__}") from None
-                return f"oss://{key}"
-        raise AssertionError("unreachable")  # pragma: no cover
+        async def attempt() -> str:
+            form = aiohttp.FormData()
+            form.add_field("OSSAccessKeyId", policy.oss_access_key_id)
+            form.add_field("Signature", policy.signature)
+            form.add_field("policy", policy.policy)
+            form.add_field("key", key)
+            form.add_field("x-oss-object-acl", policy.x_oss_object_acl)
+            form.add_field("x-oss-forbid-overwrite", policy.x_oss_forbid_overwrite)
+            form.add_field("x-oss-content-type", content_type)
+            form.add_field("success_action_status", "200")
+            form.add_field("file", data, filename=filename, content_type=content_type)  # must be last
+            try:
+                async with (
+                    self.budget.in_flight,
+                    self.session.post(policy.upload_host, data=form) as resp,
+                ):
+                    text = await resp.text()
+                    if resp.status != 200:
+                        raise classify_error(resp.status, _xml_or_json_error(text), text)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise NetworkError(f"temporary upload: {exc.__class__.__name__}") from None
+            return f"oss://{key}"
+
+        return await self._retried(attempt)
 
 
 def _xml_or_json_error(text: str) -> dict[str, Any] | None:

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import aiohttp
-import stamina
 
+from lpengine.client.retry import call_with_retries
 from lpengine.errors import LPEngineError, NetworkError
 from lpengine.media import MediaError, verify_mp4
 from lpengine.models import Item, ItemState, Stage
@@ -60,17 +60,14 @@ async def download(ctx: StageContext, item: Item) -> None:
     item.output_path = str(target)
     await ctx.save(item)  # write-ahead: this path is the item's from now on, so a re-run recognises the file
     retry = ctx.config.api.retry
+    url = item.video_url
     try:
-        async for attempt in stamina.retry_context(
-            on=lambda exc: isinstance(exc, NetworkError | _BadBody),
-            attempts=retry.attempts,
-            timeout=retry.total_timeout_s + ctx.config.api.download_timeout_s,
-            wait_initial=retry.initial_wait_s,
-            wait_max=retry.max_wait_s,
-            wait_jitter=retry.initial_wait_s,
-        ):
-            with attempt:
-                size = await _fetch(ctx, item.video_url, target)
+        size = await call_with_retries(
+            lambda: _fetch(ctx, url, target),
+            retry_on=lambda exc: isinstance(exc, NetworkError | _BadBody),
+            policy=retry,
+            timeout_s=retry.total_timeout_s + ctx.config.api.download_timeout_s,
+        )
     except _Expired:
         # Only a new task can produce the video now: forget this one, so the re-run submits again (as promised)
         # instead of polling the old task for the same dead URL.
