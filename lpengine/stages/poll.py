@@ -295,9 +295,10 @@ async def poll_once(ctx: StageContext, scheduler: PollScheduler, t: Tracked) -> 
     item.timings["poll"] = anyio.current_time() - t.submitted_local
     item.stage = Stage.POLL
     if info.status is TaskStatus.SUCCEEDED:
+        # Not saved here: the download's write-ahead save follows and records the URL. A crash in between costs
+        # one more query on the re-run (the task still answers with its URL), not a save per item on every run.
         item.video_url = info.video_url
         item.video_duration = info.video_duration
-        await ctx.save(item)
         return item
     if info.status is TaskStatus.FAILED:
         item.task_code, item.task_message = info.code, info.message
