@@ -9,7 +9,6 @@ Every event passes through `Redactor`, so a secret that slipped into a message i
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -17,9 +16,11 @@ from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 _MASK = "***"
+_LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 class Redactor:
@@ -67,7 +68,7 @@ class BatchLog:
         clean = self._redactor(None, level, fields)
         if self._file is not None:
             line = {**clean, "event": event, "ts": round(time.time(), 3), "level": level}
-            self._file.write(json.dumps(line, ensure_ascii=False, default=repr) + "\n")
+            self._file.write(orjson.dumps(line, default=repr, option=_LINE).decode())
         if structlog.is_configured():
             getattr(structlog.get_logger("lpengine"), level)(event, **clean)
         else:

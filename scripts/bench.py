@@ -75,6 +75,9 @@ class BenchSettings:
     """`pyinstrument`: profile the lpengine client and write an HTML and a text report into the work folder."""
     lpengine_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra dotted config keys for the lpengine client (e.g. {"concurrency.submit_window": 8})."""
+    inputs: str = "files"
+    """lpengine's inputs: `files` (local, served by its own `fileserver` storage) or `urls` (a manifest of URLs on
+    the bench's file server, storage `url`: what the SDK scripts get, so no serving or local checks in lpengine)."""
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
@@ -141,21 +144,25 @@ def make_inputs(s: BenchSettings, root: Path) -> Inputs:
     return Inputs(root, items)
 
 
-def write_lpengine_config(s: BenchSettings, inputs: Inputs, base_url: str, out: Path) -> Path:
+def write_lpengine_config(s: BenchSettings, inputs: Inputs, base_url: str, files_url: str, out: Path) -> Path:
     """The YAML the lpengine client runs (also runnable by hand: `DASHSCOPE_API_KEY=sk-bench lpengine run …`)."""
     root = inputs.root
-    if s.instant:
+    if s.instant and s.inputs == "files":
         source = "inputs:\n  images: images\naudio: " + inputs.items[0][1] + "\n"
     else:
+        rows = (
+            inputs.items if s.inputs == "files" else [(f"{files_url}/{i}", f"{files_url}/{a}") for i, a in inputs.items]
+        )
         with (root / "manifest.csv").open("w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["image", "audio"])
-            writer.writerows(inputs.items)
+            writer.writerows(rows)
         source = "inputs:\n  manifest: manifest.csv\n"
+    backend = "fileserver" if s.inputs == "files" else "url"
     text = (
         f"{source}"
         f"api:\n  base_url: {base_url}\n  speedup: {s.speedup:g}\n"
-        "storage:\n  backend: fileserver\n"
+        f"storage:\n  backend: {backend}\n"
         f"output:\n  dir: {out}\n"
     )
     path = root / "lpengine-bench.yaml"
@@ -394,7 +401,8 @@ def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[s
         results = []
         with emulator(s, workdir) as emu:
             root_url = emu.url.removesuffix("/api/v1")
-            servers = file_server(workdir) if any(c.startswith("sdk") for c in s.clients) else None
+            url_inputs = s.inputs == "urls" or any(c.startswith("sdk") for c in s.clients)
+            servers = file_server(workdir) if url_inputs else None
             files_url = ""
             with servers if servers is not None else _nothing() as files:
                 if files is not None:
@@ -417,7 +425,7 @@ def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[s
                         "profile": s.profile,
                     }
                     if client == "lpengine":
-                        spec["config"] = str(write_lpengine_config(s, inputs, emu.url, out))
+                        spec["config"] = str(write_lpengine_config(s, inputs, emu.url, files_url, out))
                         spec["overrides"] = s.lpengine_overrides
                     log(f"running {client} …")
                     run = run_client(spec, workdir)
@@ -871,6 +879,12 @@ def _parser() -> argparse.ArgumentParser:
         help="profile the lpengine client (report in --workdir; see `top_functions`)",
     )
     p.add_argument("--workdir", type=Path, help="keep inputs, outputs and profiles here")
+    p.add_argument(
+        "--inputs",
+        choices=["files", "urls"],
+        default="files",
+        help="lpengine's inputs: local files it serves itself (default) or URLs on the bench's file server",
+    )
     p.add_argument("--json", type=Path, help="also write every figure as JSON")
     return p
 
@@ -905,6 +919,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         keep=args.workdir is not None,
         profile=args.profile,
         lpengine_overrides=overrides,
+        inputs=args.inputs,
     )
 
 

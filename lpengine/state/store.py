@@ -16,7 +16,6 @@ account.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 import anyio
+import orjson
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -170,7 +170,7 @@ class SqliteStateStore:
                 data.get("state"),
                 data.get("stage", "plan"),
                 data.get("task_id"),
-                json.dumps(data, separators=(",", ":")),
+                orjson.dumps(data).decode(),
                 time.time(),
             ),
         )
@@ -275,5 +275,5 @@ def _stored(row: Any) -> StoredItem:
         state=row[2],
         stage=str(row[3]),
         task_id=row[4],
-        data=json.loads(row[5]),
+        data=orjson.loads(row[5]),
     )
