@@ -16,6 +16,7 @@ from typing import Any, Literal, Self, TypeVar
 
 import aiohttp
 import anyio
+import orjson
 import structlog
 from pydantic import SecretStr
 
@@ -169,16 +170,21 @@ class DashScopeClient:
     ) -> dict[str, Any]:
         meter = self.budget.meter(family)
         await meter.acquire()
+        data = None
+        if json_body is not None:  # orjson: aiohttp's `json=` goes through the stdlib encoder
+            data = orjson.dumps(json_body)
+            headers = headers | {"Content-Type": "application/json"}
         async with (
             self.budget.in_flight,
-            self.session.request(method, self.base_url + path, json=json_body, params=params, headers=headers) as resp,
+            self.session.request(method, self.base_url + path, data=data, params=params, headers=headers) as resp,
         ):
-            text = await resp.text()
+            raw = await resp.read()
             try:
-                body = json.loads(text) if text else {}
-            except json.JSONDecodeError:
+                body = orjson.loads(raw) if raw else {}
+            except orjson.JSONDecodeError:
                 body = None
             if resp.status != 200 or not isinstance(body, dict):
+                text = raw.decode("utf-8", "replace")
                 err = classify_error(resp.status, body if isinstance(body, dict) else None, text)
                 if isinstance(err, RateLimitedError):
                     meter.on_throttled()
