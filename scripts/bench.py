@@ -47,6 +47,7 @@ from typing import Any
 
 API_KEY = "sk-bench"
 CLIENTS = ("lpengine", "sdk", "sdk-aio")
+EXTRA_CLIENTS = ("bare",)  # the floor: same requests, bare aiohttp, nothing else (see _client_bare)
 DEFAULT_DURATIONS = (5.0, 9.0, 14.0, 20.0, 27.0, 35.0, 44.0, 52.0, 60.0)
 INSTANT_AUDIO_S = 2.0
 SCRIPT = Path(__file__).resolve()
@@ -386,8 +387,6 @@ def table(results: list[dict[str, Any]], *, instant: bool) -> str:
 
 def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Generate inputs, start the emulator, run each client on identical settings; return every figure."""
-    if s.instant and set(s.clients) != {"lpengine"}:
-        raise ValueError("--instant measures lpengine only")
     own_dir = s.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="lpengine-bench-")) if s.workdir is None else s.workdir
     workdir.mkdir(parents=True, exist_ok=True)
@@ -401,7 +400,7 @@ def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[s
         results = []
         with emulator(s, workdir) as emu:
             root_url = emu.url.removesuffix("/api/v1")
-            url_inputs = s.inputs == "urls" or any(c.startswith("sdk") for c in s.clients)
+            url_inputs = s.inputs == "urls" or any(c != "lpengine" for c in s.clients)
             servers = file_server(workdir) if url_inputs else None
             files_url = ""
             with servers if servers is not None else _nothing() as files:
@@ -523,7 +522,12 @@ class RssSampler:
 def client_main(spec_path: str, result_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     sampler = RssSampler()
-    runner = {"lpengine": _client_lpengine, "sdk": _client_sdk, "sdk-aio": _client_sdk_aio}[spec["client"]]
+    runner = {
+        "lpengine": _client_lpengine,
+        "sdk": _client_sdk,
+        "sdk-aio": _client_sdk_aio,
+        "bare": _client_bare,
+    }[spec["client"]]
     clock = VirtualClock(spec["root_url"], spec["speedup"])
     cpu0, wall0 = _usage_s(), time.monotonic()
     start_v = clock.at(wall0)
@@ -797,6 +801,60 @@ def _client_sdk_aio(spec: dict[str, Any]) -> dict[str, Any]:
     return {"succeeded": succeeded, "failure_reasons": reasons, "done_monotonic": done[0]}
 
 
+def _client_bare(spec: dict[str, Any]) -> dict[str, Any]:
+    """The floor for any aiohttp client: per item the same four requests as lpengine (detect, submit, one query,
+    download) with bare aiohttp under a semaphore — no state store, log, retries, pacing or checks. It only works
+    in instant mode (it queries each task once) and is not a usable client: it shows what the HTTP alone costs."""
+    import asyncio
+
+    import aiohttp
+
+    base, files, out = spec["base_url"], spec["files_url"], Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    reasons: dict[str, int] = {}
+    done = [time.monotonic()]
+
+    async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> dict[str, Any]:
+        headers = auth | kw.pop("headers", {})
+        while True:  # a 429 (the emulator punishes bursts) is sent again, like the SDK scripts do
+            async with http.request(method, url, headers=headers, **kw) as r:
+                if r.status != 429:
+                    body: dict[str, Any] = await r.json()
+                    if "output" not in body:
+                        raise RuntimeError(f"{method} {url}: {r.status} {body}")
+                    return body["output"]  # type: ignore[no-any-return]
+            await asyncio.sleep(0.001)
+
+    async def one(index: int, image: str, audio: str, sem: asyncio.Semaphore, http: aiohttp.ClientSession) -> bool:
+        image_url, audio_url = f"{files}/{image}", f"{files}/{audio}"
+        async with sem:
+            detect = {"model": "liveportrait-detect", "input": {"image_url": image_url}}
+            passed = (await call(http, "POST", f"{base}/services/aigc/image2video/face-detect", json=detect))["pass"]
+            task = {"model": "liveportrait", "input": {"image_url": image_url, "audio_url": audio_url}}
+            headers = {"X-DashScope-Async": "enable"}
+            synthesis = f"{base}/services/aigc/image2video/video-synthesis"
+            task_id = (await call(http, "POST", synthesis, json=task, headers=headers))["task_id"]
+            output = await call(http, "GET", f"{base}/tasks/{task_id}")
+            if not passed or output.get("task_status") != "SUCCEEDED":
+                reasons[str(output.get("task_status"))] = reasons.get(str(output.get("task_status")), 0) + 1
+                return False
+            async with http.get(output["results"]["video_url"]) as r:
+                body = await r.read()
+            (out / f"{index:06d}.mp4").write_bytes(body)
+            done[0] = time.monotonic()
+            return True
+
+    async def main() -> int:
+        sem = asyncio.Semaphore(16)
+        async with aiohttp.ClientSession() as http:
+            oks = await asyncio.gather(*(one(i, img, aud, sem, http) for i, (img, aud) in enumerate(spec["items"])))
+        return sum(oks)
+
+    succeeded = asyncio.run(main())
+    return {"succeeded": succeeded, "failure_reasons": reasons, "done_monotonic": done[0]}
+
+
 def files_main(root: str) -> int:
     """A static file server for the SDK scripts' inputs (what public URLs would be for them)."""
     import asyncio
@@ -863,7 +921,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--realtime-factor", type=float, default=1.5)
     p.add_argument("--realtime-noise", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--clients", default=",".join(CLIENTS), help=f"comma-separated subset of {','.join(CLIENTS)}")
+    p.add_argument(
+        "--clients",
+        help=f"comma-separated, in order, from {','.join(CLIENTS + EXTRA_CLIENTS)} (default: all three; lpengine "
+        "alone with --instant)",
+    )
     p.add_argument("--sdk-concurrency", type=int, default=10, help="semaphore of the sdk-aio client (default 10)")
     p.add_argument("--sdk-clock", choices=["scaled", "real"], default="scaled", help="see the module docstring")
     p.add_argument(
@@ -890,12 +952,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
-    clients = tuple(c.strip() for c in args.clients.split(",") if c.strip())
-    unknown = set(clients) - set(CLIENTS)
+    default = "lpengine" if args.instant else ",".join(CLIENTS)
+    clients = tuple(c.strip() for c in (args.clients or default).split(",") if c.strip())
+    unknown = set(clients) - set(CLIENTS + EXTRA_CLIENTS)
     if unknown:
-        raise SystemExit(f"unknown client(s) {sorted(unknown)}; choose from {CLIENTS}")
-    if args.instant:
-        clients = ("lpengine",)
+        raise SystemExit(f"unknown client(s) {sorted(unknown)}; choose from {CLIENTS + EXTRA_CLIENTS}")
     overrides = {}
     for entry in args.set:
         key, _, value = entry.partition("=")
