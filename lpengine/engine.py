@@ -188,7 +188,7 @@ class Engine:
             log=log,
             on_event=self._on_event,
             url_lifetime=self._url_lifetime(),
-            window=anyio.Semaphore(config.concurrency.submit_window),
+            window=anyio.Semaphore(config.concurrency.submit_window, fast_acquire=True),
         )
         if config.audio is not None:
             # The shared voice track is checked before anything else: a bad one fails every item.
