@@ -6,6 +6,7 @@ same batch holds the lock · 130 interrupted.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -73,10 +74,15 @@ def _setup_logging(fmt: str | None, level: str | None, cfg: BatchConfig | None =
     return fmt, level
 
 
+# The command line owns its event loop, so it takes uvloop where it exists (not on Windows): ~6 % less CPU per item
+# at 100k items (docs/benchmarks.md). The library runs on whatever loop its host chose.
+LOOP_OPTIONS: dict[str, object] = {"use_uvloop": True} if importlib.util.find_spec("uvloop") else {}
+
+
 def _run_async(main: Callable[[], Awaitable[T]]) -> T:
     """Run `main` with SIGINT/SIGTERM handling: the first signal stops the engine gracefully, the second exits."""
     try:
-        return anyio.run(main)
+        return anyio.run(main, backend_options=LOOP_OPTIONS)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 

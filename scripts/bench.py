@@ -618,7 +618,9 @@ def _client_lpengine(spec: dict[str, Any]) -> dict[str, Any]:
             out = Path(spec["root"])
             (out / "profile-lpengine.txt").write_text(profiler.output_text(unicode=True, color=False, show_all=False))
             (out / "profile-lpengine.html").write_text(profiler.output_html())
-    return anyio.run(main)
+    from lpengine.cli import LOOP_OPTIONS  # run the engine on the loop `lpengine run` uses
+
+    return anyio.run(main, backend_options=LOOP_OPTIONS)
 
 
 def _scale_sdk_clock(speedup: float) -> None:
