@@ -100,6 +100,7 @@ class Orchestrator:
             item.finish(_STAGE_FAILURE[item.stage], f"internal error: {exc.__class__.__name__}: {exc}", transient=True)
 
     async def _finish(self, item: Item, results: MemoryObjectSendStream[Item]) -> None:
+        self.ctx.release_inputs(item)
         if item.item_id:
             await self.ctx.save(item)
         level = "info" if item.state is ItemState.SUCCEEDED else "warning"

@@ -86,6 +86,13 @@ class StageContext:
             dump_item(item, **extra),
         )
 
+    def release_inputs(self, item: Item) -> None:
+        """The item is finished: no task of it fetches its inputs again, so the storage may forget them."""
+        for published in {id(p): p for p in (*item.image_urls.values(), *item.audio_urls.values())}.values():
+            self.storage.release(published)
+        item.image_urls.clear()
+        item.audio_urls.clear()
+
     def emit(self, item: Item, event: str, level: str = "info", **fields: Any) -> None:
         self.log.emit(
             level,

@@ -69,6 +69,11 @@ class Storage(Protocol):
         """Delete objects this batch created (never anything else); returns how many were deleted."""
         ...
 
+    def release(self, published: Published) -> None:
+        """The item that `published` was made for is finished and no task of it will fetch the file again, so a
+        backend holding per-file state for the run may drop it (memory must not grow with the batch)."""
+        ...
+
     async def probe(self) -> str:
         """Write, read back through the URL the API would get, and delete one probe object.
 
@@ -93,3 +98,6 @@ class NothingToRelease:
 
     async def cleanup(self, keys: list[str]) -> int:
         return 0
+
+    def release(self, published: Published) -> None:
+        return None

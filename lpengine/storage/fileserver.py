@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -32,6 +33,14 @@ def _read_if_small(path: Path) -> bytes | None:
         return fh.read()
 
 
+@dataclass(slots=True)
+class _Served:
+    path: Path
+    content_type: str
+    users: int = 0
+    """Unfinished items that published this content (copies of one image share an entry)."""
+
+
 class FileServerStorage:
     name = "fileserver"
     durable = False  # URLs die with the process: never cache them across runs
@@ -40,7 +49,7 @@ class FileServerStorage:
     def __init__(self, config: FileServerStorageConfig) -> None:
         self._config = config
         self._prefix = secrets.token_urlsafe(24)
-        self._files: dict[str, tuple[Path, str]] = {}
+        self._files: dict[str, _Served] = {}
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -71,22 +80,34 @@ class FileServerStorage:
             self._runner = None
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
-        entry = self._files.get(request.match_info["name"])
-        if request.match_info["prefix"] != self._prefix or entry is None:
+        served = self._files.get(request.match_info["name"])
+        if request.match_info["prefix"] != self._prefix or served is None:
             raise web.HTTPNotFound()
-        path, content_type = entry
         try:
-            body = _read_if_small(path)
+            body = _read_if_small(served.path)
         except OSError:
             raise web.HTTPNotFound() from None
         if body is not None:
-            return web.Response(body=body, content_type=content_type)
-        return web.FileResponse(path, headers={"Content-Type": content_type})
+            return web.Response(body=body, content_type=served.content_type)
+        return web.FileResponse(served.path, headers={"Content-Type": served.content_type})
 
     async def publish(self, file: LocalFile, *, model: str, valid_for: timedelta) -> Published:
         name = f"{file.sha256}{file.suffix}"
-        self._files[name] = (file.path, file.content_type)
+        served = self._files.get(name)
+        if served is None:
+            served = self._files[name] = _Served(file.path, file.content_type)
+        served.users += 1
         return Published(url=f"{self.base_url}/{name}")
+
+    def release(self, published: Published) -> None:
+        """Serve a file only while an unfinished item uses it, so the table holds the items in flight, not the
+        whole batch (it was the last per-item growth at 100k items)."""
+        base, _, name = published.url.rpartition("/")
+        served = self._files.get(name) if base == self.base_url else None
+        if served is not None:
+            served.users -= 1
+            if served.users <= 0:
+                del self._files[name]
 
     async def cleanup(self, keys: list[str]) -> int:
         return 0

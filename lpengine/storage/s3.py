@@ -250,6 +250,9 @@ class S3Storage:
             url=url, created_key=key if created else None, lifetime_s=self.url_lifetime(valid_for).total_seconds()
         )
 
+    def release(self, published: Published) -> None:
+        return None  # objects live until `cleanup` at the end of the run (or on, for re-runs to reuse)
+
     async def cleanup(self, keys: list[str]) -> int:
         """Delete exactly `keys`, one DeleteObject each with bounded concurrency.
 

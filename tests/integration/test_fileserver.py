@@ -1,0 +1,47 @@
+"""The loopback file server serves a file exactly while an unfinished item uses it."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from lpengine.config import FileServerStorageConfig
+from lpengine.storage.base import LocalFile, Published
+from lpengine.storage.fileserver import FileServerStorage
+
+pytestmark = pytest.mark.anyio
+
+
+def _local(path: Path, body: bytes) -> LocalFile:
+    path.write_bytes(body)
+    return LocalFile(path, hashlib.sha256(body).hexdigest(), len(body), "image/png", ".png")
+
+
+async def test_a_file_is_served_until_the_last_item_using_it_is_released(tmp_path: Path) -> None:
+    body = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    first, copy = _local(tmp_path / "a.png", body), _local(tmp_path / "copy-of-a.png", body)
+    hour = timedelta(hours=1)
+    async with FileServerStorage(FileServerStorageConfig()) as files, aiohttp.ClientSession() as http:
+
+        async def status(url: str) -> int:
+            async with http.get(url) as resp:
+                return resp.status
+
+        one = await files.publish(first, model="liveportrait", valid_for=hour)
+        two = await files.publish(copy, model="liveportrait", valid_for=hour)
+        assert one.url == two.url  # same content, one entry with two users
+
+        files.release(Published(url="http://elsewhere.example/x/" + one.url.rsplit("/", 1)[1]))  # not ours: ignored
+        files.release(one)
+        assert await status(one.url) == 200  # the copy's item still needs it
+        async with http.get(one.url) as resp:
+            assert await resp.read() == body
+
+        files.release(two)
+        assert await status(one.url) == 404
+        files.release(two)  # a second release of a forgotten file is harmless
+        assert await status(one.url) == 404
