@@ -3,12 +3,14 @@
     python scripts/bench.py --items 100 --speedup 50                       # lpengine, SDK, SDK asyncio
     python scripts/bench.py --items 1000 --speedup 500 --clients lpengine
     python scripts/bench.py --instant --items 100000                       # scale test, lpengine only
+    python scripts/bench.py --instant --items 3000 --inputs urls --clients bare,sdk-aio,lpengine   # CPU floor
 
 Every party runs in its own process, so the client's CPU time and peak RSS are its own (os.wait4):
 
     emulator   python -m lpengine.emulator --settings emulator.json   (one for the whole run, reset between clients)
-    files      python scripts/bench.py _files DIR                     (static inputs for the SDK scripts only;
-                                                                       lpengine serves its own, storage: fileserver)
+    files      python scripts/bench.py _files DIR                     (static inputs for the SDK scripts and `bare`;
+                                                                       lpengine serves its own, storage: fileserver,
+                                                                       unless --inputs urls)
     client     python scripts/bench.py _client SPEC RESULT            (one per client, one after another)
 
 All traffic stays on 127.0.0.1. Times are in emulated (service) seconds unless a name says `wall`: the client
