@@ -221,7 +221,7 @@ class ConcurrencyConfig(_Model):
     """Workers per stage and the submission window. Throughput is bounded by the service (one task runs at a time)."""
 
     upload: Annotated[int, Field(ge=1, le=256)] = 8
-    """Items checked and published at once (local checks run in worker threads)."""
+    """Items checked and published at once (local checks of files over 256 KB run in worker threads)."""
     detect: Annotated[int, Field(ge=1, le=64)] = 4
     """Detect requests in flight at once (all share the detect QPS budget)."""
     submit: Annotated[int, Field(ge=1, le=16)] = 2

@@ -9,8 +9,9 @@ freely, and the published object's name and Content-Type must match what the byt
 Each check fails with `MediaError`, whose `reason` says what is wrong and what to do about it, because these
 messages are shown verbatim to people preparing hundreds of portraits, not to developers.
 
-All functions are synchronous and do blocking file I/O; the engine runs them in worker threads. Nothing here
-touches process-global state (Pillow's `MAX_IMAGE_PIXELS`, warning filters), so concurrent calls are safe.
+All functions are synchronous and do blocking file I/O; the engine runs them in worker threads, except on small
+files (a few hundred KB at most) where the hand-off would cost more than the work. Nothing here touches
+process-global state (Pillow's `MAX_IMAGE_PIXELS`, warning filters), so concurrent calls are safe.
 """
 
 from __future__ import annotations
