@@ -76,3 +76,28 @@ async def test_instant_batch_through_lpengine(tmp_path: Path) -> None:
     assert table.splitlines()[2].startswith("| lpengine | 100 | 100 | 0 | yes |")
     json.dumps(report)  # the --json output is plain JSON
     assert any("running lpengine" in line for line in lines)
+
+
+async def test_cpu_floor_comparison_runs_on_url_inputs(tmp_path: Path) -> None:
+    """The documented floor comparison (`--inputs urls --clients bare,lpengine`): both clients fetch their inputs
+    from the bench's own file server and finish every item; lpengine still submits each image once."""
+    bench = _load_bench()
+    settings = bench.BenchSettings(
+        items=40,
+        instant=True,
+        speedup=1000.0,
+        detector="always_pass",
+        clients=("bare", "lpengine"),
+        workdir=tmp_path,
+        inputs="urls",
+    )
+    report: dict[str, Any] = await anyio.to_thread.run_sync(lambda: bench.run_bench(settings, log=lambda _: None))
+
+    bare, lpengine = report["results"]
+    assert (bare["client"], lpengine["client"]) == ("bare", "lpengine")
+    assert bare["succeeded"] == lpengine["succeeded"] == 40, (bare["failure_reasons"], lpengine["failure_reasons"])
+    assert lpengine["images_submitted"] == 40 and lpengine["duplicate_submissions"] == 0
+    assert lpengine["throttled"] == 0
+    manifest = (tmp_path / "manifest.csv").read_text(encoding="utf-8")
+    assert manifest.count("http://127.0.0.1:") == 80  # image and audio of every row are URLs
+    assert all(math.isfinite(m["batch_cpu_ms_per_item"]) for m in (bare, lpengine))
