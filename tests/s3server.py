@@ -168,11 +168,23 @@ class _QuietHandler(MotoRequestHandler):
         return None
 
 
+class _S3Only(DomainDispatcherApplication):
+    """moto's dispatcher, told that every request is for S3 (the only service this server runs).
+
+    Left to itself it guesses the service from the Authorization header as if it were a SigV4 credential scope:
+    a SigV2 signature whose base64 happens to hold four '/' reads as some other service, and moto answers 500
+    to every retry of that request (same second, same signature) — a rare, random test failure.
+    """
+
+    def infer_service_region_host(self, environ: dict[str, Any], path: str) -> str | None:
+        return "s3.us-east-1.amazonaws.com"
+
+
 class S3Server:
     """moto in server mode on 127.0.0.1 and a free port, in a daemon thread; also a context manager."""
 
     def __init__(self) -> None:
-        self._recorder = _Recorder(DomainDispatcherApplication(create_backend_app))
+        self._recorder = _Recorder(_S3Only(create_backend_app))
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
