@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 import anyio
 
 from lpengine.errors import InputRejectedError, StorageError
-from lpengine.media import inspect_audio, inspect_image
+from lpengine.media import INLINE_IO_BYTES, inspect_audio, inspect_image
 from lpengine.models import Item, ItemState, Stage, item_identity
 from lpengine.stages.context import AudioTrack, StageContext, restore_item
 from lpengine.state.store import StoredUpload
@@ -24,7 +24,6 @@ from lpengine.storage.base import DETECT_MODEL, SYNTHESIS_MODEL, LocalFile, Publ
 
 MODELS = (DETECT_MODEL, SYNTHESIS_MODEL)
 _UNKNOWN_AUDIO_S = 10.0  # duration guess for audio given only by URL (used for scheduling and estimates)
-_INLINE_BYTES = 256 * 1024
 _Info = TypeVar("_Info")
 
 
@@ -65,10 +64,9 @@ async def load_audio(ctx: StageContext, ref: str) -> AudioTrack:
 
 
 async def _inspect(check: Callable[[Path], _Info], path: Path) -> _Info:
-    """Small files are checked on the loop's thread: a worker-thread hand-off costs more CPU (~0.1 ms) than
-    reading and hashing 256 KB. Bigger ones go to a thread, so a 12 MB photo never stalls the batch."""
+    """Checked on the loop's thread when small, in a worker thread otherwise (`INLINE_IO_BYTES` says why)."""
     try:
-        small = os.stat(path).st_size <= _INLINE_BYTES
+        small = os.stat(path).st_size <= INLINE_IO_BYTES
     except (OSError, ValueError):  # ValueError: a NUL in the name
         small = True  # the check itself reports the problem, naming the file
     return check(path) if small else await anyio.to_thread.run_sync(check, path)

@@ -19,15 +19,14 @@ from aiohttp import web
 
 from lpengine.config import FileServerStorageConfig
 from lpengine.errors import StorageError
+from lpengine.media import INLINE_IO_BYTES
 from lpengine.storage.base import LocalFile, Published
-
-_INLINE_BYTES = 256 * 1024
 
 
 def _read_if_small(path: Path) -> bytes | None:
-    """Small files are read on the loop's thread: FileResponse stats and opens each file through the default
-    executor, two thread hand-offs that cost more CPU than reading 256 KB (docs/benchmarks.md)."""
-    if os.stat(path).st_size > _INLINE_BYTES:
+    """Small files are read on the loop's thread (`INLINE_IO_BYTES`): FileResponse stats and opens every file
+    through the default executor, two thread hand-offs per fetch (docs/benchmarks.md)."""
+    if os.stat(path).st_size > INLINE_IO_BYTES:
         return None
     with open(path, "rb") as fh:
         return fh.read()
