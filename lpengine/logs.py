@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,7 +24,7 @@ _LINE = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
 
 
 class Redactor:
-    """A structlog processor that replaces every occurrence of the given secrets in string values."""
+    """Replaces every occurrence of the given secrets in an event's string values, nested ones included."""
 
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = [s for s in secrets if s and len(s) >= 6]
@@ -41,10 +41,8 @@ class Redactor:
             return [self._clean(v) for v in value]
         return value
 
-    def __call__(self, _logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-        for key, value in list(event.items()):
-            event[key] = self._clean(value)
-        return event
+    def __call__(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return {key: self._clean(value) for key, value in fields.items()}
 
 
 class BatchLog:
@@ -65,7 +63,7 @@ class BatchLog:
         self._stdlib = logging.getLogger("lpengine")
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
-        clean = self._redactor(None, level, fields)
+        clean = self._redactor(fields)
         if self._file is not None:
             line = {**clean, "event": event, "ts": round(time.time(), 3), "level": level}
             self._file.write(orjson.dumps(line, default=repr, option=_LINE).decode())
