@@ -257,7 +257,11 @@ class SqliteStateStore:
 
     async def forget_created_keys(self, keys: list[str]) -> None:
         self.db.execute("BEGIN")  # one transaction for the lot (autocommit would commit each row)
-        self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
+        try:
+            self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
+        except BaseException:
+            self.db.execute("ROLLBACK")  # else every later statement would join this open transaction
+            raise
         self.db.execute("COMMIT")
 
     async def items(self) -> AsyncIterator[StoredItem]:
