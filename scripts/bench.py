@@ -595,6 +595,12 @@ def _client_lpengine(spec: dict[str, Any]) -> dict[str, Any]:
             },
         }
 
+    from lpengine.cli import LOOP_OPTIONS
+
+    def run() -> dict[str, Any]:
+        """On the loop `lpengine run` uses, profiled or not (a profile of another loop would mislead)."""
+        return anyio.run(main, backend_options=LOOP_OPTIONS)
+
     if spec.get("profile") == "cprofile":
         import cProfile
         import pstats
@@ -602,7 +608,7 @@ def _client_lpengine(spec: dict[str, Any]) -> dict[str, Any]:
         cprof = cProfile.Profile()
         cprof.enable()
         try:
-            return anyio.run(main)
+            return run()
         finally:
             cprof.disable()
             cprof.dump_stats(str(Path(spec["root"], "profile-lpengine.pstats")))
@@ -614,15 +620,13 @@ def _client_lpengine(spec: dict[str, Any]) -> dict[str, Any]:
         profiler = Profiler(interval=0.001, async_mode="disabled")
         profiler.start()
         try:
-            return anyio.run(main)
+            return run()
         finally:
             profiler.stop()
             out = Path(spec["root"])
             (out / "profile-lpengine.txt").write_text(profiler.output_text(unicode=True, color=False, show_all=False))
             (out / "profile-lpengine.html").write_text(profiler.output_html())
-    from lpengine.cli import LOOP_OPTIONS  # run the engine on the loop `lpengine run` uses
-
-    return anyio.run(main, backend_options=LOOP_OPTIONS)
+    return run()
 
 
 def _scale_sdk_clock(speedup: float) -> None:
