@@ -29,16 +29,14 @@ def _load_bench() -> ModuleType:
     return module
 
 
+def _instant(bench: ModuleType, tmp_path: Path, *flags: str) -> Any:
+    """Settings exactly as `python scripts/bench.py --instant … --workdir tmp_path` would make them."""
+    return bench.settings_from_args(bench._parser().parse_args(["--instant", *flags, "--workdir", str(tmp_path)]))
+
+
 async def test_instant_batch_through_lpengine(tmp_path: Path) -> None:
     bench = _load_bench()
-    settings = bench.BenchSettings(
-        items=100,
-        instant=True,
-        speedup=1000.0,
-        detector="always_pass",
-        clients=("lpengine",),
-        workdir=tmp_path,
-    )
+    settings = _instant(bench, tmp_path, "--items", "100")
     lines: list[str] = []
     report: dict[str, Any] = await anyio.to_thread.run_sync(lambda: bench.run_bench(settings, log=lines.append))
 
@@ -82,15 +80,7 @@ async def test_cpu_floor_comparison_runs_on_url_inputs(tmp_path: Path) -> None:
     """The documented floor comparison (`--inputs urls --clients bare,lpengine`): both clients fetch their inputs
     from the bench's own file server and finish every item; lpengine still submits each image once."""
     bench = _load_bench()
-    settings = bench.BenchSettings(
-        items=40,
-        instant=True,
-        speedup=1000.0,
-        detector="always_pass",
-        clients=("bare", "lpengine"),
-        workdir=tmp_path,
-        inputs="urls",
-    )
+    settings = _instant(bench, tmp_path, "--items", "40", "--inputs", "urls", "--clients", "bare,lpengine")
     report: dict[str, Any] = await anyio.to_thread.run_sync(lambda: bench.run_bench(settings, log=lambda _: None))
 
     bare, lpengine = report["results"]
