@@ -37,7 +37,7 @@ from lpengine.errors import (
 )
 from lpengine.logs import BatchLog, Redactor
 from lpengine.models import Item, ItemResult, ItemSpec, ItemState, RunReport, Stage
-from lpengine.orchestrator import Orchestrator
+from lpengine.orchestrator import Orchestrator, drain, handoff
 from lpengine.plan import Namer, PlanProblem, input_problems, iter_plan
 from lpengine.reports import write_reports
 from lpengine.reports.spool import ResultSpool, spool_dir
@@ -269,7 +269,7 @@ class Engine:
 
     async def _collect(self, results: MemoryObjectReceiveStream[Item]) -> None:
         async with results:
-            async for item in results:
+            async for item in drain(results):
                 self._complete(item)
 
     def _complete(self, item: Item) -> None:
@@ -287,7 +287,7 @@ class Engine:
         self._inflight[id(item)] = item
         self._waiters[id(item)] = waiter
         try:
-            await self._intake.send(item)
+            await handoff(self._intake, item)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._inflight.pop(id(item), None)
             self._waiters.pop(id(item), None)
