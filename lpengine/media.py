@@ -24,7 +24,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 from mutagen.mp3 import MP3
 from mutagen.wave import WAVE
@@ -633,61 +633,69 @@ def verify_mp4(path: Path, *, expected_size: int | None = None) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise MediaError(path, f"is not a regular file — expected a downloaded MP4; {redo}")
     size = st.st_size
-    if size == 0:
-        raise MediaError(path, f"is empty (0 bytes), the download produced nothing — {redo}")
     if expected_size is not None and size != expected_size:
         raise MediaError(
             path,
             f"is {size:,} bytes but the server announced {expected_size:,}; "
             f"the download is incomplete or corrupt — {redo}",
         )
-    seen: set[bytes] = set()
     try:
         with open(path, "rb") as fh:
-            offset = 0
-            while offset < size:
-                header = fh.read(8)
-                if len(header) < 8:
-                    raise MediaError(
-                        path,
-                        f"is truncated or corrupt: {len(header)} stray bytes follow the last complete box — {redo}",
-                    )
-                box_size, box_type = struct.unpack(">I4s", header)
-                header_len = 8
-                if box_size == 1:
-                    large = fh.read(8)
-                    if len(large) < 8:
-                        raise MediaError(path, f"is truncated inside a box header at offset {offset:,} — {redo}")
-                    (box_size,) = struct.unpack(">Q", large)
-                    header_len = 16
-                elif box_size == 0:  # "extends to end of file" — legal for the last box only, by definition.
-                    box_size = size - offset
-                if offset == 0 and box_type != b"ftyp":
-                    raise MediaError(path, f"is not an MP4 file (it does not start with an 'ftyp' box) — {redo}")
-                if not _box_type_ok(box_type):
-                    raise MediaError(
-                        path, f"is corrupt: garbage box header at offset {offset:,} ({header.hex()}) — {redo}"
-                    )
-                shown = box_type.decode("latin-1")
-                if box_size < header_len or (box_type == b"ftyp" and box_size < header_len + 8):
-                    raise MediaError(
-                        path,
-                        f"is corrupt: box '{shown}' at offset {offset:,} has impossible size {box_size} — {redo}",
-                    )
-                if offset + box_size > size:
-                    # A known box running past EOF is the signature of a cut download; an unknown one is
-                    # more likely a garbled header whose "size" is noise.
-                    what = "truncated" if box_type in _TOP_LEVEL_BOXES else "corrupt or truncated"
-                    raise MediaError(
-                        path,
-                        f"is {what}: box '{shown}' at offset {offset:,} needs {box_size:,} bytes"
-                        f" but the file ends {offset + box_size - size:,} bytes early — {redo}",
-                    )
-                seen.add(box_type)
-                offset += box_size
-                fh.seek(offset)
+            check_mp4_boxes(fh, size, path)
     except OSError as exc:
         raise MediaError(path, _describe_oserror(exc)) from None
+
+
+def check_mp4_boxes(fh: BinaryIO, size: int, path: Path) -> None:
+    """The box walk of `verify_mp4` over an open file of `size` bytes (the download checks the `.part` file it has
+    just written through the same handle: no second open and stat per video)."""
+    redo = "download it again"
+    if size == 0:
+        raise MediaError(path, f"is empty (0 bytes), the download produced nothing — {redo}")
+    seen: set[bytes] = set()
+    fh.seek(0)
+    offset = 0
+    while offset < size:
+        header = fh.read(8)
+        if len(header) < 8:
+            raise MediaError(
+                path,
+                f"is truncated or corrupt: {len(header)} stray bytes follow the last complete box — {redo}",
+            )
+        box_size, box_type = struct.unpack(">I4s", header)
+        header_len = 8
+        if box_size == 1:
+            large = fh.read(8)
+            if len(large) < 8:
+                raise MediaError(path, f"is truncated inside a box header at offset {offset:,} — {redo}")
+            (box_size,) = struct.unpack(">Q", large)
+            header_len = 16
+        elif box_size == 0:  # "extends to end of file" — legal for the last box only, by definition.
+            box_size = size - offset
+        if offset == 0 and box_type != b"ftyp":
+            raise MediaError(path, f"is not an MP4 file (it does not start with an 'ftyp' box) — {redo}")
+        if not _box_type_ok(box_type):
+            raise MediaError(
+                path, f"is corrupt: garbage box header at offset {offset:,} ({header.hex()}) — {redo}"
+            )
+        shown = box_type.decode("latin-1")
+        if box_size < header_len or (box_type == b"ftyp" and box_size < header_len + 8):
+            raise MediaError(
+                path,
+                f"is corrupt: box '{shown}' at offset {offset:,} has impossible size {box_size} — {redo}",
+            )
+        if offset + box_size > size:
+            # A known box running past EOF is the signature of a cut download; an unknown one is
+            # more likely a garbled header whose "size" is noise.
+            what = "truncated" if box_type in _TOP_LEVEL_BOXES else "corrupt or truncated"
+            raise MediaError(
+                path,
+                f"is {what}: box '{shown}' at offset {offset:,} needs {box_size:,} bytes"
+                f" but the file ends {offset + box_size - size:,} bytes early — {redo}",
+            )
+        seen.add(box_type)
+        offset += box_size
+        fh.seek(offset)
     missing = [name for name in (b"moov", b"mdat") if name not in seen]
     if missing:
         names = " and ".join(f"'{m.decode()}'" for m in missing)

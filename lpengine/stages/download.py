@@ -14,12 +14,13 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 
 from lpengine.client.retry import call_with_retries
 from lpengine.errors import LPEngineError, NetworkError
-from lpengine.media import MediaError, verify_mp4
+from lpengine.media import MediaError, check_mp4_boxes, verify_mp4
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages.context import StageContext
 
@@ -97,8 +98,8 @@ async def _already_there(target: Path) -> bool:
 
 async def _fetch(ctx: StageContext, url: str, target: Path) -> int:
     part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-    target.parent.mkdir(parents=True, exist_ok=True)
     timeout = aiohttp.ClientTimeout(total=ctx.config.api.download_timeout_s)
+    renamed = False
     try:
         # No Authorization header here: the result host is OSS, not the API, and must never see the key.
         async with ctx.api.session.get(url, timeout=timeout) as resp:
@@ -108,19 +109,29 @@ async def _fetch(ctx: StageContext, url: str, target: Path) -> int:
                 raise NetworkError(f"result download answered HTTP {resp.status}")
             expected = resp.content_length
             written = 0
-            with part.open("wb") as fh:
+            with _create(part) as fh:
                 async for chunk in resp.content.iter_chunked(_CHUNK):
                     fh.write(chunk)
                     written += len(chunk)
-        if expected is not None and written != expected:
-            raise _BadBody(f"got {written} of {expected} bytes")
-        try:
-            verify_mp4(part, expected_size=expected)
-        except MediaError as exc:
-            raise _BadBody(f"not a valid MP4 ({exc.reason})") from None
+                if expected is not None and written != expected:
+                    raise _BadBody(f"got {written} of {expected} bytes")
+                try:
+                    check_mp4_boxes(fh, written, part)  # through the same handle: no second open per video
+                except MediaError as exc:
+                    raise _BadBody(f"not a valid MP4 ({exc.reason})") from None
         os.replace(part, target)
+        renamed = True
         return written
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise NetworkError(f"result download: {exc.__class__.__name__}") from None
     finally:
-        part.unlink(missing_ok=True)
+        if not renamed:
+            part.unlink(missing_ok=True)
+
+
+def _create(part: Path) -> BinaryIO:
+    try:
+        return part.open("w+b")
+    except FileNotFoundError:  # the output folder was removed during the run
+        part.parent.mkdir(parents=True, exist_ok=True)
+        return part.open("w+b")
