@@ -25,6 +25,7 @@ async def detect(ctx: StageContext, item: Item) -> None:
     # Copies of one image in a batch wait for the first one's verdict instead of paying again.
     async with ctx.lock(("detect", key)):
         verdict = await ctx.store.detect_verdict(key)
+        fresh = verdict is None
         if verdict is None:
             await ctx.store.put_detect(key, None, "")  # write-ahead mark: the call below is billed
             try:
@@ -45,11 +46,13 @@ async def detect(ctx: StageContext, item: Item) -> None:
                 return
             verdict = (result.passed, result.message)
             item.detect_paid = True
-            await ctx.store.put_detect(key, *verdict)
-    passed, message = verdict
-    item.detect_message = message if passed is not None else LOST_VERDICT
-    item.timings["detect"] = time.perf_counter() - started
-    if passed is False:
-        item.finish(ItemState.DETECT_FAILED, message or "the service found no usable face")
-        return
-    await ctx.save(item)
+        passed, message = verdict
+        item.detect_message = message if passed is not None else LOST_VERDICT
+        item.timings["detect"] = time.perf_counter() - started
+        with ctx.store.together():  # a new verdict and the item's progress: one commit
+            if fresh:
+                await ctx.store.put_detect(key, passed, message)
+            if passed is False:
+                item.finish(ItemState.DETECT_FAILED, message or "the service found no usable face")
+            else:
+                await ctx.save(item)

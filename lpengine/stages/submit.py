@@ -77,12 +77,13 @@ async def _submit_locked(ctx: StageContext, item: Item) -> None:
 
 
 async def _claim(ctx: StageContext, item: Item, task_id: str) -> None:
-    await ctx.store.claim_task(task_id, item.item_id, time.time())
     item.task_id = task_id
     item.submit_inflight_wall = None
     item.submitted_wall = time.time()
     item.cancelled_by_us = False
-    await ctx.save(item)
+    with ctx.store.together():  # the claim and the item's task id: one commit
+        await ctx.store.claim_task(task_id, item.item_id, item.submitted_wall)
+        await ctx.save(item)
     ctx.emit(item, "submit.accepted", attempt=item.submit_attempts)
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -101,6 +102,7 @@ class StateStore(Protocol):
     async def inflight_submits(self) -> list[tuple[str, float]]: ...
     async def created_keys(self) -> list[str]: ...
     def items(self) -> AsyncIterator[StoredItem]: ...
+    def together(self) -> AbstractContextManager[None]: ...
 
 
 class SqliteStateStore:
@@ -131,6 +133,21 @@ class SqliteStateStore:
         if self._db is None:
             raise RuntimeError("state store used outside `async with`")
         return self._db
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """The writes made inside commit as one transaction: one WAL append where each would make its own.
+
+        For writes that follow one another with no I/O between them (the store never yields while writing, so no
+        other item's write can slip into the transaction).
+        """
+        self.db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")  # else every later statement would join this open transaction
+            raise
+        self.db.execute("COMMIT")
 
     async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         # Synchronous, so a write that started reaches the disk even if the run is being cancelled meanwhile.
@@ -256,13 +273,8 @@ class SqliteStateStore:
         return [str(r[0]) async for r in rows]
 
     async def forget_created_keys(self, keys: list[str]) -> None:
-        self.db.execute("BEGIN")  # one transaction for the lot (autocommit would commit each row)
-        try:
+        with self.together():  # one transaction for the lot (autocommit would commit each row)
             self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
-        except BaseException:
-            self.db.execute("ROLLBACK")  # else every later statement would join this open transaction
-            raise
-        self.db.execute("COMMIT")
 
     async def items(self) -> AsyncIterator[StoredItem]:
         """Every item, streamed (reports of 100k items must not load them all at once)."""
