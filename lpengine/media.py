@@ -675,9 +675,7 @@ def check_mp4_boxes(fh: BinaryIO, size: int, path: Path) -> None:
         if offset == 0 and box_type != b"ftyp":
             raise MediaError(path, f"is not an MP4 file (it does not start with an 'ftyp' box) — {redo}")
         if not _box_type_ok(box_type):
-            raise MediaError(
-                path, f"is corrupt: garbage box header at offset {offset:,} ({header.hex()}) — {redo}"
-            )
+            raise MediaError(path, f"is corrupt: garbage box header at offset {offset:,} ({header.hex()}) — {redo}")
         shown = box_type.decode("latin-1")
         if box_size < header_len or (box_type == b"ftyp" and box_size < header_len + 8):
             raise MediaError(

@@ -17,7 +17,9 @@ import time
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
+
+import orjson
 
 from lpengine.models import ItemResult, ResultTotals
 
@@ -54,7 +56,7 @@ class SpooledResults(Sequence[ItemResult]):
     def __iter__(self) -> Iterator[ItemResult]:
         with self.path.open(encoding="utf-8") as fh:
             for line in islice(fh, self._length):
-                yield ItemResult.from_dict(json.loads(line))
+                yield ItemResult.from_dict(_loads(line))
 
     @overload
     def __getitem__(self, index: int) -> ItemResult: ...
@@ -98,8 +100,7 @@ class ResultSpool:
         finishing after its caller stopped waiting, and no report will read them."""
         if self._fh.closed:
             return
-        # ASCII JSON: file names that are not valid UTF-8 (kept as lone surrogates) round-trip instead of failing
-        self._fh.write(json.dumps(result.to_dict()) + "\n")
+        self._fh.write(_dumps(result.to_dict()))
         self.totals.add(result)
 
     def close(self) -> None:
@@ -108,3 +109,18 @@ class ResultSpool:
     def results(self) -> SpooledResults:
         """The rows written so far, read back from the file (call after `close()`, which flushes them)."""
         return SpooledResults(self.path, self.totals.items)
+
+
+def _dumps(row: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE).decode()
+    except orjson.JSONEncodeError:
+        # A file name that is not valid UTF-8 (kept as lone surrogates): ASCII JSON escapes them and round-trips.
+        return json.dumps(row) + "\n"
+
+
+def _loads(line: str) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:  # the ASCII rows above
+        return json.loads(line)
