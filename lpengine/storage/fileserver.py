@@ -32,12 +32,20 @@ def _read_if_small(path: Path) -> bytes | None:
         return fh.read()
 
 
+_CACHE_BYTES = 32 * 1024 * 1024
+"""Bound on the bytes of small files kept in memory (the items in flight rarely come near it)."""
+
+
 @dataclass(slots=True)
 class _Served:
     path: Path
     content_type: str
     users: int = 0
     """Unfinished items that published this content (copies of one image share an entry)."""
+    body: bytes | None = None
+    """A small file's bytes after its first fetch: the service fetches each image twice (detect, synthesis) and
+    the voice track once per task. Kept while the entry lives; the name is the content's hash, so the bytes are
+    exactly what was checked even if the file changes on disk meanwhile."""
 
 
 class FileServerStorage:
@@ -49,6 +57,7 @@ class FileServerStorage:
         self._config = config
         self._prefix = secrets.token_urlsafe(24)
         self._files: dict[str, _Served] = {}
+        self._cached_bytes = 0
         self._runner: web.AppRunner | None = None
         self.base_url = ""
 
@@ -82,10 +91,15 @@ class FileServerStorage:
         served = self._files.get(request.match_info["name"])
         if request.match_info["prefix"] != self._prefix or served is None:
             raise web.HTTPNotFound()
-        try:
-            body = _read_if_small(served.path)
-        except OSError:
-            raise web.HTTPNotFound() from None
+        body = served.body
+        if body is None:
+            try:
+                body = _read_if_small(served.path)
+            except OSError:
+                raise web.HTTPNotFound() from None
+            if body is not None and self._cached_bytes + len(body) <= _CACHE_BYTES:
+                served.body = body
+                self._cached_bytes += len(body)
         if body is not None:
             return web.Response(body=body, content_type=served.content_type)
         return web.FileResponse(served.path, headers={"Content-Type": served.content_type})
@@ -107,6 +121,8 @@ class FileServerStorage:
             served.users -= 1
             if served.users <= 0:
                 del self._files[name]
+                if served.body is not None:
+                    self._cached_bytes -= len(served.body)
 
     async def cleanup(self, keys: list[str]) -> int:
         return 0

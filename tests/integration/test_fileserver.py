@@ -45,3 +45,20 @@ async def test_a_file_is_served_until_the_last_item_using_it_is_released(tmp_pat
         assert await status(one.url) == 404
         files.release(two)  # a second release of a forgotten file is harmless
         assert await status(one.url) == 404
+
+
+async def test_a_small_file_is_served_as_it_was_checked_even_if_it_changes_on_disk(tmp_path: Path) -> None:
+    """The service fetches each image twice (detect, then synthesis): the second fetch gets the bytes whose hash
+    names the URL, not whatever the file holds by then."""
+    body = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    local = _local(tmp_path / "a.png", body)
+    async with FileServerStorage(FileServerStorageConfig()) as files, aiohttp.ClientSession() as http:
+        published = await files.publish(local, model="liveportrait", valid_for=timedelta(hours=1))
+        async with http.get(published.url) as resp:
+            assert await resp.read() == body
+        local.path.write_bytes(b"edited meanwhile")
+        async with http.get(published.url) as resp:
+            assert await resp.read() == body
+        files.release(published)
+        async with http.get(published.url) as resp:
+            assert resp.status == 404
