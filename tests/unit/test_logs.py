@@ -1,0 +1,65 @@
+"""The batch's JSONL log masks secrets wherever they slipped into an event, in the file and in what it forwards."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from lpengine.logs import BatchLog, Redactor
+
+KEY = "sk-0123456789abcdef"
+OSS = "oss/Secret+Value=="
+
+
+@pytest.fixture
+def structlog_unconfigured() -> Iterator[None]:
+    """The library's default: no structlog configuration, events go to the stdlib logger (CLI tests configure it)."""
+    configured, saved = structlog.is_configured(), structlog.get_config()
+    structlog.reset_defaults()
+    yield
+    if configured:
+        structlog.configure(**saved)
+
+
+def _emit_leaky_event(log: BatchLog) -> None:
+    log.emit(
+        "warning",
+        "upload.failed",
+        error=f"403 for https://x/?k={KEY}",
+        nested={"headers": [f"Bearer {KEY}", OSS]},
+        exc=ValueError(OSS),  # not JSON: written as its repr, masked all the same
+        item="short",  # under 6 characters: never treated as a secret
+    )
+
+
+def test_a_secret_anywhere_in_an_event_is_masked_in_the_file_and_the_stdlib_forward(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, structlog_unconfigured: None
+) -> None:
+    log = BatchLog(tmp_path / "run.jsonl", Redactor([KEY, OSS, "short"]))
+    with caplog.at_level(logging.INFO, logger="lpengine"):
+        _emit_leaky_event(log)
+    log.close()
+    raw = (tmp_path / "run.jsonl").read_bytes()
+    assert KEY.encode() not in raw and OSS.encode() not in raw
+    line = json.loads(raw)
+    assert line["error"] == "403 for https://x/?k=***"
+    assert line["nested"] == {"headers": ["Bearer ***", "***"]}
+    assert line["exc"] == "ValueError('***')"
+    assert (line["item"], line["event"], line["level"]) == ("short", "upload.failed", "warning")
+    assert KEY not in caplog.text and OSS not in caplog.text
+    assert "k=***" in caplog.text
+
+
+def test_the_structlog_forward_is_masked_too(tmp_path: Path) -> None:
+    log = BatchLog(None, Redactor([KEY, OSS]))
+    with capture_logs() as events:
+        _emit_leaky_event(log)
+    assert KEY not in repr(events) and OSS not in repr(events)
+    assert events[0]["error"] == "403 for https://x/?k=***"
+    assert events[0]["exc"] == "ValueError('***')"
