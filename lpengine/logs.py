@@ -31,6 +31,9 @@ class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = [s for s in secrets if s and len(s) >= 6]
         self._encoded = [s.encode() for s in self._secrets]
+        # A secret that JSON writes escaped (a quote, a backslash, a control or non-ASCII character) would not be
+        # found in the rendered line: such secrets are masked field by field before rendering instead.
+        self.line_maskable = all(orjson.dumps(s) == b'"' + s.encode() + b'"' and s.isascii() for s in self._secrets)
 
     def _clean(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -53,8 +56,8 @@ class Redactor:
         return {key: self._clean(value) for key, value in fields.items()}
 
     def mask(self, line: bytes) -> bytes:
-        """The same for a rendered JSON line: one byte search per secret instead of a walk over the fields (keys
-        and access secrets are plain ASCII, which JSON writes unescaped)."""
+        """The same for a rendered JSON line: one byte search per secret instead of a walk over the fields (API
+        keys and access secrets are plain ASCII, which JSON writes unescaped; see `line_maskable`)."""
         for secret in self._encoded:
             if secret in line:
                 line = line.replace(secret, _MASK_BYTES)
@@ -80,7 +83,8 @@ class BatchLog:
 
     def emit(self, level: str, event: str, **fields: Any) -> None:
         if self._file is not None:
-            line = {**fields, "event": event, "ts": round(time.time(), 3), "level": level}
+            shown = fields if self._redactor.line_maskable else self._redactor(fields)
+            line = {**shown, "event": event, "ts": round(time.time(), 3), "level": level}
             self._file.write(self._redactor.mask(orjson.dumps(line, default=repr, option=_LINE)))
         if structlog.is_configured():
             getattr(structlog.get_logger("lpengine"), level)(event, **self._redactor(fields))

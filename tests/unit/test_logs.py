@@ -63,3 +63,12 @@ def test_the_structlog_forward_is_masked_too(tmp_path: Path) -> None:
     assert KEY not in repr(events) and OSS not in repr(events)
     assert events[0]["error"] == "403 for https://x/?k=***"
     assert events[0]["exc"] == "ValueError('***')"
+
+
+def test_a_secret_that_json_escapes_is_masked_before_rendering(tmp_path: Path) -> None:
+    odd = 'pa"ss\\wörd-123'  # quote, backslash, non-ASCII: the rendered line holds it escaped
+    log = BatchLog(tmp_path / "run.jsonl", Redactor([odd]))
+    log.emit("info", "x", error=f"denied for {odd}")
+    log.close()
+    line = json.loads((tmp_path / "run.jsonl").read_bytes())
+    assert line["error"] == "denied for ***"
