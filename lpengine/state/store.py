@@ -144,10 +144,11 @@ class SqliteStateStore:
         self.db.execute("BEGIN")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")  # else every later statement would join this open transaction
+            if self.db.in_transaction:  # a failed COMMIT (disk full, I/O error) can leave it open too
+                self.db.execute("ROLLBACK")  # else every later statement would join this open transaction
             raise
-        self.db.execute("COMMIT")
 
     async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
         # Synchronous, so a write that started reaches the disk even if the run is being cancelled meanwhile.
