@@ -658,6 +658,17 @@ def _sdk_setup(spec: dict[str, Any]) -> float:
     return 1.0
 
 
+# How both SDK scripts call the service: detect through the SDK's generic call (it has no detect class), synthesis
+# through VideoSynthesis with the task name and `extra_input` the SDK needs for LivePortrait's URLs.
+SDK_DETECT: dict[str, Any] = {
+    "model": "liveportrait-detect",
+    "task_group": "aigc",
+    "task": "image2video",
+    "function": "face-detect",
+}
+SDK_SYNTHESIS: dict[str, Any] = {"model": "liveportrait", "task": "image2video"}
+
+
 def _is_throttled(rsp: Any) -> bool:
     return getattr(rsp, "status_code", None) == 429
 
@@ -692,13 +703,7 @@ def _client_sdk(spec: dict[str, Any]) -> dict[str, Any]:
     for index, (image, audio) in enumerate(spec["items"]):
         image_url, audio_url = f"{files}/{image}", f"{files}/{audio}"
         for _ in range(6):
-            det = BaseApi.call(
-                model="liveportrait-detect",
-                input={"image_url": image_url},
-                task_group="aigc",
-                task="image2video",
-                function="face-detect",
-            )
+            det = BaseApi.call(input={"image_url": image_url}, **SDK_DETECT)
             if not _is_throttled(det):
                 break
             time.sleep(1.0 / scale)
@@ -708,11 +713,7 @@ def _client_sdk(spec: dict[str, Any]) -> dict[str, Any]:
         rsp = None
         for _ in range(6):
             try:
-                rsp = VideoSynthesis.call(
-                    model="liveportrait",
-                    task="image2video",
-                    extra_input={"image_url": image_url, "audio_url": audio_url},
-                )
+                rsp = VideoSynthesis.call(extra_input={"image_url": image_url, "audio_url": audio_url}, **SDK_SYNTHESIS)
                 break
             except InvalidTask as exc:  # the submit itself was refused: no task exists, safe to resend
                 if "429" not in str(exc):
@@ -758,13 +759,7 @@ def _client_sdk_aio(spec: dict[str, Any]) -> dict[str, Any]:
         image_url, audio_url = f"{files}/{image}", f"{files}/{audio}"
         async with sem:
             for _ in range(6):
-                det = await BaseAioApi.call(
-                    model="liveportrait-detect",
-                    input={"image_url": image_url},
-                    task_group="aigc",
-                    task="image2video",
-                    function="face-detect",
-                )
+                det = await BaseAioApi.call(input={"image_url": image_url}, **SDK_DETECT)
                 if not _is_throttled(det):
                     break
                 await asyncio.sleep(1.0 / scale)
@@ -774,9 +769,7 @@ def _client_sdk_aio(spec: dict[str, Any]) -> dict[str, Any]:
             for _ in range(6):
                 try:
                     rsp = await AioVideoSynthesis.call(
-                        model="liveportrait",
-                        task="image2video",
-                        extra_input={"image_url": image_url, "audio_url": audio_url},
+                        extra_input={"image_url": image_url, "audio_url": audio_url}, **SDK_SYNTHESIS
                     )
                     break
                 except InvalidTask as exc:
