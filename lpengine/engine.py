@@ -190,10 +190,10 @@ class Engine:
             url_lifetime=self._url_lifetime(),
             window=anyio.Semaphore(config.concurrency.submit_window, fast_acquire=True),
         )
-        if config.audio is not None:
+        if self._ctx.default_audio is not None:
             # The shared voice track is checked before anything else: a bad one fails every item.
             try:
-                await load_audio(self._ctx, str(config.resolve(config.audio)))
+                await load_audio(self._ctx, self._ctx.default_audio)
             except InputRejectedError as exc:
                 raise ConfigError([f"audio: {exc.path}: {exc.reason}"]) from None
         intake_send, intake_recv = anyio.create_memory_object_stream[Item](0)

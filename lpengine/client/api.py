@@ -9,9 +9,9 @@ import json
 import mimetypes
 import re
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal, Self, TypeVar
 
 import aiohttp
@@ -19,6 +19,7 @@ import anyio
 import orjson
 import structlog
 from pydantic import SecretStr
+from yarl import URL
 
 from lpengine.client.limits import EndpointBudget
 from lpengine.client.retry import call_with_retries
@@ -112,6 +113,8 @@ class DashScopeClient:
             rl.max_concurrent_requests,
         )
         self._session: aiohttp.ClientSession | None = None
+        self._header_sets: dict[tuple[bool, bool, bool], Mapping[str, str]] = {}
+        self._urls = {path: URL(self.base_url + path) for path in (DETECT_PATH, SYNTHESIS_PATH)}
         self.retries = 0
 
     def __repr__(self) -> str:
@@ -148,14 +151,21 @@ class DashScopeClient:
 
     # -- plumbing -------------------------------------------------------------------------------------------
 
-    def _headers(self, *, async_call: bool = False, resolve: bool = False) -> dict[str, str]:
-        headers = {"Authorization": f"Bearer {self._key.get_secret_value()}"}
-        if async_call:
-            headers["X-DashScope-Async"] = "enable"
-        if resolve:
-            headers[RESOLVE_HEADER] = "enable"
-        if self._config.workspace:
-            headers["X-DashScope-WorkSpace"] = self._config.workspace
+    def _headers(self, *, async_call: bool, resolve: bool, json: bool) -> Mapping[str, str]:
+        """One of the few header sets every request uses, built once (aiohttp copies it into each request)."""
+        flags = (async_call, resolve, json)
+        headers = self._header_sets.get(flags)
+        if headers is None:
+            built = {"Authorization": f"Bearer {self._key.get_secret_value()}"}
+            if async_call:
+                built["X-DashScope-Async"] = "enable"
+            if resolve:
+                built[RESOLVE_HEADER] = "enable"
+            if json:
+                built["Content-Type"] = "application/json"
+            if self._config.workspace:
+                built["X-DashScope-WorkSpace"] = self._config.workspace
+            headers = self._header_sets[flags] = MappingProxyType(built)
         return headers
 
     async def _once(
@@ -166,17 +176,18 @@ class DashScopeClient:
         *,
         json_body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
-        headers: dict[str, str],
+        async_call: bool = False,
+        resolve: bool = False,
     ) -> dict[str, Any]:
         meter = self.budget.meter(family)
         await meter.acquire()
-        data = None
-        if json_body is not None:  # orjson: aiohttp's `json=` goes through the stdlib encoder
-            data = orjson.dumps(json_body)
-            headers = headers | {"Content-Type": "application/json"}
+        # orjson: aiohttp's `json=` goes through the stdlib encoder
+        data = None if json_body is None else orjson.dumps(json_body)
+        headers = self._headers(async_call=async_call, resolve=resolve, json=data is not None)
+        url = self._urls.get(path) or self.base_url + path  # the fixed endpoints skip URL parsing
         async with (
             self.budget.in_flight,
-            self.session.request(method, self.base_url + path, data=data, params=params, headers=headers) as resp,
+            self.session.request(method, url, data=data, params=params, headers=headers) as resp,
         ):
             raw = await resp.read()
             try:
@@ -210,15 +221,13 @@ class DashScopeClient:
         *,
         json_body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
-        headers: dict[str, str] | None = None,
+        resolve: bool = False,
     ) -> dict[str, Any]:
         """An idempotent call: retried on retryable errors and on any network fault."""
 
         async def attempt() -> dict[str, Any]:
             try:
-                return await self._once(
-                    family, method, path, json_body=json_body, params=params, headers=headers or self._headers()
-                )
+                return await self._once(family, method, path, json_body=json_body, params=params, resolve=resolve)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise NetworkError(f"{method} {path}: {exc.__class__.__name__}") from None
 
@@ -233,7 +242,7 @@ class DashScopeClient:
             "POST",
             DETECT_PATH,
             json_body={"model": "liveportrait-detect", "input": {"image_url": image_url}},
-            headers=self._headers(resolve=_needs_resolve(image_url)),
+            resolve=_needs_resolve(image_url),
         )
         out = body.get("output") or {}
         return DetectResult(bool(out.get("pass")), str(out.get("message") or ""), body.get("request_id"))
@@ -250,12 +259,14 @@ class DashScopeClient:
             "input": {"image_url": image_url, "audio_url": audio_url},
             "parameters": params.model_dump(),
         }
-        headers = self._headers(async_call=True, resolve=_needs_resolve(image_url, audio_url))
+        resolve = _needs_resolve(image_url, audio_url)
 
         async def attempt() -> SubmitResult:
             sent_at = anyio.current_time()
             try:
-                body = await self._once("submit", "POST", SYNTHESIS_PATH, json_body=payload, headers=headers)
+                body = await self._once(
+                    "submit", "POST", SYNTHESIS_PATH, json_body=payload, async_call=True, resolve=resolve
+                )
             except aiohttp.ClientConnectorError as exc:
                 raise NetworkError(f"submit: cannot connect ({exc.__class__.__name__})") from None
             except (aiohttp.ClientError, TimeoutError) as exc:

@@ -39,6 +39,12 @@ class RateMeter:
         self._throttled = 0
 
     async def acquire(self) -> None:
+        now = anyio.current_time()
+        if self._next <= now and not self._lock.locked():
+            # Nobody queued and the slot is open: take it without the lock (no await between check and claim).
+            self._next = now + self._interval
+            self._requests += 1
+            return
         async with self._lock:
             delay = self._next - anyio.current_time()
             if delay > 0:

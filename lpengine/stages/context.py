@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -38,6 +39,13 @@ class AudioTrack:
     duration_s: float
 
 
+@dataclass(slots=True)
+class _KeyLock:
+    lock: anyio.Lock
+    users: int = 0
+    """Tasks holding or awaiting `lock`."""
+
+
 @dataclass
 class StageContext:
     config: BatchConfig
@@ -49,8 +57,15 @@ class StageContext:
     url_lifetime: timedelta = timedelta(hours=2)
     window: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(4, fast_acquire=True))
     audio: dict[str, AudioTrack] = field(default_factory=dict)
-    locks: dict[tuple[str, str], anyio.Lock] = field(default_factory=dict)
+    locks: dict[tuple[str, str], _KeyLock] = field(default_factory=dict)
     """Per-content locks, so concurrent copies of one file publish or detect once."""
+    output_dir: Path = field(init=False)
+    default_audio: str | None = field(init=False)
+    """The config's `audio`, resolved: both are read for every item, and resolving is path work each time."""
+
+    def __post_init__(self) -> None:
+        self.output_dir = self.config.output_dir
+        self.default_audio = str(self.config.resolve(self.config.audio)) if self.config.audio else None
 
     @property
     def speedup(self) -> float:
@@ -60,15 +75,17 @@ class StageContext:
     async def lock(self, key: tuple[str, str]) -> AsyncIterator[None]:
         """Hold the per-content lock `key`; it is forgotten once nobody holds or awaits it (a 100k batch would
         otherwise keep two locks per image, ~1.8 KB each, to the end)."""
-        lock = self.locks.get(key)
-        if lock is None:
+        entry = self.locks.get(key)
+        if entry is None:
             # fast_acquire: an uncontended lock (nearly all of them) is taken without a trip round the event loop
-            lock = self.locks[key] = anyio.Lock(fast_acquire=True)
+            entry = self.locks[key] = _KeyLock(anyio.Lock(fast_acquire=True))
+        entry.users += 1
         try:
-            async with lock:
+            async with entry.lock:
                 yield
         finally:
-            if not lock.locked() and not lock.statistics().tasks_waiting and self.locks.get(key) is lock:
+            entry.users -= 1
+            if not entry.users:
                 del self.locks[key]
 
     @property

@@ -38,7 +38,7 @@ class _BadBody(LPEngineError):
 
 
 def _target(ctx: StageContext, item: Item) -> Path:
-    out = ctx.config.output_dir
+    out = ctx.output_dir
     path = out / f"{item.spec.output_name}.mp4"
     if path.exists() and not ctx.config.output.overwrite and str(path) != item.output_path:
         # Not ours: keep the user's file and the paid video both.

@@ -76,7 +76,7 @@ async def prepare(ctx: StageContext, item: Item) -> None:
     """Local checks + identity + resume. Ends the item (rejected, or already done) or leaves it to go on."""
     item.stage = Stage.UPLOAD
     started = time.perf_counter()
-    audio_ref = item.spec.audio or (str(ctx.config.resolve(ctx.config.audio)) if ctx.config.audio else None)
+    audio_ref = item.spec.audio or ctx.default_audio
     if audio_ref is None:
         item.finish(ItemState.REJECTED_LOCALLY, "no audio: set `audio:` in the config or an `audio` column")
         return

@@ -58,13 +58,12 @@ class FileServerStorage:
         self._prefix = secrets.token_urlsafe(24)
         self._files: dict[str, _Served] = {}
         self._cached_bytes = 0
-        self._runner: web.AppRunner | None = None
+        self._runner: web.ServerRunner | None = None
         self.base_url = ""
 
     async def __aenter__(self) -> Self:
-        app = web.Application()
-        app.router.add_get("/{prefix}/{name}", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
+        # aiohttp's low-level server: one route needs no application, router or middleware chain per fetch.
+        self._runner = web.ServerRunner(web.Server(self._serve), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._config.host, self._config.port)
         try:
@@ -87,16 +86,19 @@ class FileServerStorage:
             await self._runner.cleanup()
             self._runner = None
 
-    async def _serve(self, request: web.Request) -> web.StreamResponse:
-        served = self._files.get(request.match_info["name"])
-        if request.match_info["prefix"] != self._prefix or served is None:
-            raise web.HTTPNotFound()
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return web.Response(status=405, text="405: Method Not Allowed", headers={"Allow": "GET, HEAD"})
+        prefix, _, name = request.path[1:].partition("/")
+        served = self._files.get(name) if prefix == self._prefix else None
+        if served is None:
+            return web.Response(status=404, text="404: Not Found")
         body = served.body
         if body is None:
             try:
                 body = _read_if_small(served.path)
             except OSError:
-                raise web.HTTPNotFound() from None
+                return web.Response(status=404, text="404: Not Found")
             if body is not None and self._cached_bytes + len(body) <= _CACHE_BYTES:
                 served.body = body
                 self._cached_bytes += len(body)
