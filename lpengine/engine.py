@@ -10,6 +10,7 @@ write already started still reaches the state store (shielded), so the next run 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -188,7 +189,7 @@ class Engine:
             log=log,
             on_event=self._on_event,
             url_lifetime=self._url_lifetime(),
-            window=anyio.Semaphore(config.concurrency.submit_window, fast_acquire=True),
+            window=asyncio.Semaphore(config.concurrency.submit_window),
         )
         if self._ctx.default_audio is not None:
             # The shared voice track is checked before anything else: a bad one fails every item.

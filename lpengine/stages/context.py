@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,8 +10,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import anyio
 
 from lpengine.client.api import DashScopeClient
 from lpengine.config import BatchConfig
@@ -41,7 +40,7 @@ class AudioTrack:
 
 @dataclass(slots=True)
 class _KeyLock:
-    lock: anyio.Lock
+    lock: asyncio.Lock  # asyncio's primitives here and for the window: see `lpengine.client.limits.RateMeter`
     users: int = 0
     """Tasks holding or awaiting `lock`."""
 
@@ -55,7 +54,7 @@ class StageContext:
     log: BatchLog
     on_event: Callable[[ProgressEvent], None] | None = None
     url_lifetime: timedelta = timedelta(hours=2)
-    window: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(4, fast_acquire=True))
+    window: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     audio: dict[str, AudioTrack] = field(default_factory=dict)
     locks: dict[tuple[str, str], _KeyLock] = field(default_factory=dict)
     """Per-content locks, so concurrent copies of one file publish or detect once."""
@@ -77,8 +76,7 @@ class StageContext:
         otherwise keep two locks per image, ~1.8 KB each, to the end)."""
         entry = self.locks.get(key)
         if entry is None:
-            # fast_acquire: an uncontended lock (nearly all of them) is taken without a trip round the event loop
-            entry = self.locks[key] = _KeyLock(anyio.Lock(fast_acquire=True))
+            entry = self.locks[key] = _KeyLock(asyncio.Lock())
         entry.users += 1
         try:
             async with entry.lock:

@@ -280,7 +280,11 @@ async def _run(config: BatchConfig, script: Script, check_window: bool) -> Any:
         script.engine = engine
         report = await engine.run()
         if check_window:  # every slot of the submission window came back, whatever happened to the items
-            assert engine.ctx.window.value == config.concurrency.submit_window
+            window = engine.ctx.window
+            for _ in range(config.concurrency.submit_window):
+                assert not window.locked()  # a free slot (`acquire` below returns at once)
+                await window.acquire()
+            assert window.locked()  # and no more than the configured number
     return report
 
 
