@@ -22,7 +22,7 @@ import math
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -106,6 +106,9 @@ class ImageInfo:
     sha256: str
     content_type: str
     suffix: str
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    """The bytes that were checked and hashed, kept for small files (`INLINE_IO_BYTES`) so that publishing sends
+    exactly them without reading the file again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,9 @@ class AudioInfo:
     sha256: str
     content_type: str
     suffix: str
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    """The bytes that were checked and hashed, kept for small files (`INLINE_IO_BYTES`) so that publishing sends
+    exactly them without reading the file again."""
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -452,6 +458,7 @@ def inspect_image(path: Path) -> ImageInfo:
         sha256=hashlib.sha256(data).hexdigest(),
         content_type=content_type,
         suffix=suffix,
+        data=data if len(data) <= INLINE_IO_BYTES else None,
     )
 
 
@@ -595,6 +602,7 @@ def inspect_audio(path: Path, *, max_seconds: float = AUDIO_MAX_SECONDS) -> Audi
         sha256=hashlib.sha256(data).hexdigest(),
         content_type=content_type,
         suffix=suffix,
+        data=data if len(data) <= INLINE_IO_BYTES else None,
     )
 
 

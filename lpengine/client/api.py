@@ -320,11 +320,15 @@ class DashScopeClient:
         body = await self._call("upload", "GET", "/uploads", params={"action": "getPolicy", "model": model})
         return UploadPolicy.from_body(model, body, anyio.current_time())
 
-    async def upload_temp(self, policy: UploadPolicy, path: Path, filename: str) -> str:
-        """§8 step 2: form upload to the policy's host; returns the `oss://` URL (step 3)."""
+    async def upload_temp(self, policy: UploadPolicy, path: Path, filename: str, *, data: bytes | None = None) -> str:
+        """§8 step 2: form upload to the policy's host; returns the `oss://` URL (step 3).
+
+        `data`: the file's bytes when the caller already holds them (read from `path` otherwise).
+        """
         key = f"{policy.upload_dir}/{filename}"
         content_type = mimetypes.guess_type(filename)[0] or "application/octet-stream"
-        data = await anyio.Path(path).read_bytes()
+        if data is None:
+            data = await anyio.Path(path).read_bytes()
 
         async def attempt() -> str:
             form = aiohttp.FormData()

@@ -40,10 +40,12 @@ class _FileInfo(Protocol):
     def content_type(self) -> str: ...
     @property
     def suffix(self) -> str: ...
+    @property
+    def data(self) -> bytes | None: ...
 
 
 def _local(info: _FileInfo) -> LocalFile:
-    return LocalFile(Path(info.path), info.sha256, info.size, info.content_type, info.suffix)
+    return LocalFile(Path(info.path), info.sha256, info.size, info.content_type, info.suffix, info.data)
 
 
 def is_url(ref: str) -> bool:

@@ -6,7 +6,7 @@ for as long as the batch needs it. Backends are async context managers owned by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +25,8 @@ class LocalFile:
     size: int
     content_type: str
     suffix: str  # normalised from the real format, e.g. ".png" for a PNG named .jpg
+    data: bytes | None = field(default=None, repr=False, compare=False)
+    """The checked bytes of a small file (see `lpengine.media.ImageInfo.data`); None: read `path` when needed."""
 
 
 @dataclass(frozen=True, slots=True)

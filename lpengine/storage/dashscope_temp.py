@@ -70,7 +70,7 @@ class DashScopeTempStorage(NothingToRelease):
         policy = await self._policy(model)
         if file.size > policy.max_file_size_mb * 1024 * 1024:
             raise StorageError(f"{file.path}: larger than the temporary storage limit for {model}")
-        return await self._client.upload_temp(policy, file.path, f"{file.sha256}{file.suffix}")
+        return await self._client.upload_temp(policy, file.path, f"{file.sha256}{file.suffix}", data=file.data)
 
     async def probe(self) -> str:
         policy = await self._policy("liveportrait")

@@ -43,9 +43,9 @@ class _Served:
     users: int = 0
     """Unfinished items that published this content (copies of one image share an entry)."""
     body: bytes | None = None
-    """A small file's bytes after its first fetch: the service fetches each image twice (detect, synthesis) and
-    the voice track once per task. Kept while the entry lives; the name is the content's hash, so the bytes are
-    exactly what was checked even if the file changes on disk meanwhile."""
+    """A small file's bytes, as checked (from `LocalFile.data`) or else after its first fetch: the service fetches
+    each image twice (detect, synthesis) and the voice track once per task. Kept while the entry lives; the name is
+    the content's hash, so the bytes are exactly what was checked even if the file changes on disk meanwhile."""
 
 
 class FileServerStorage:
@@ -99,9 +99,8 @@ class FileServerStorage:
                 body = _read_if_small(served.path)
             except OSError:
                 return web.Response(status=404, text="404: Not Found")
-            if body is not None and self._cached_bytes + len(body) <= _CACHE_BYTES:
-                served.body = body
-                self._cached_bytes += len(body)
+            if body is not None:
+                self._keep(served, body)
         if body is not None:
             return web.Response(body=body, content_type=served.content_type)
         return web.FileResponse(served.path, headers={"Content-Type": served.content_type})
@@ -111,8 +110,15 @@ class FileServerStorage:
         served = self._files.get(name)
         if served is None:
             served = self._files[name] = _Served(file.path, file.content_type)
+            if file.data is not None:
+                self._keep(served, file.data)  # the bytes that were checked: not even the first fetch reads the file
         served.users += 1
         return Published(url=f"{self.base_url}/{name}")
+
+    def _keep(self, served: _Served, body: bytes) -> None:
+        if self._cached_bytes + len(body) <= _CACHE_BYTES:
+            served.body = body
+            self._cached_bytes += len(body)
 
     def release(self, published: Published) -> None:
         """Serve a file only while an unfinished item uses it, so the table holds the items in flight, not the

@@ -62,3 +62,18 @@ async def test_a_small_file_is_served_as_it_was_checked_even_if_it_changes_on_di
         files.release(published)
         async with http.get(published.url) as resp:
             assert resp.status == 404
+
+
+async def test_checked_bytes_are_served_without_reading_the_file(tmp_path: Path) -> None:
+    """A file published with the bytes the local checks read is served from them, first fetch included."""
+    body = b"\x89PNG\r\n\x1a\n" + bytes(64)
+    local = _local(tmp_path / "a.png", body)
+    checked = LocalFile(local.path, local.sha256, local.size, local.content_type, local.suffix, data=body)
+    local.path.unlink()  # any read of the file would now fail (404)
+    async with FileServerStorage(FileServerStorageConfig()) as files, aiohttp.ClientSession() as http:
+        published = await files.publish(checked, model="liveportrait", valid_for=timedelta(hours=1))
+        async with http.get(published.url) as resp:
+            assert resp.status == 200
+            assert await resp.read() == body
+        async with http.post(published.url) as resp:
+            assert resp.status == 405  # publishing is read-only
