@@ -87,7 +87,10 @@ class BatchLog:
             line = {**shown, "event": event, "ts": round(time.time(), 3), "level": level}
             self._file.write(self._redactor.mask(orjson.dumps(line, default=repr, option=_LINE)))
         if structlog.is_configured():
-            getattr(structlog.get_logger("lpengine"), level)(event, **self._redactor(fields))
+            logger = structlog.get_logger("lpengine").bind()
+            enabled = getattr(logger, "is_enabled_for", None)  # filtering loggers (the CLI's) have it
+            if enabled is None or enabled(_LEVELS[level]):  # a dropped event needs no redaction either
+                getattr(logger, level)(event, **self._redactor(fields))
         else:
             numeric = _LEVELS[level]
             if self._stdlib.isEnabledFor(numeric):  # the library default shows warnings only: most events stop here

@@ -72,3 +72,22 @@ def test_a_secret_that_json_escapes_is_masked_before_rendering(tmp_path: Path) -
     log.close()
     line = json.loads((tmp_path / "run.jsonl").read_bytes())
     assert line["error"] == "denied for ***"
+
+
+def test_an_event_below_the_forward_level_is_neither_forwarded_nor_redacted(structlog_unconfigured: None) -> None:
+    """The CLI's filtering logger drops debug events: they must not pay for redaction first (four events per item)."""
+    captured = structlog.testing.LogCapture()
+    structlog.configure(processors=[captured], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    shown: list[str] = []
+
+    class Watched:
+        def __repr__(self) -> str:
+            shown.append("repr")
+            return "watched"
+
+    log = BatchLog(None, Redactor([KEY]))
+    log.emit("debug", "stage.done", obj=Watched())
+    assert captured.entries == [] and shown == []
+    log.emit("info", "submit.accepted", obj=Watched(), error=KEY)
+    assert [e["event"] for e in captured.entries] == ["submit.accepted"]
+    assert captured.entries[0]["error"] == "***" and shown  # shown: the forwarded event was redacted
