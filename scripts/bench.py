@@ -35,6 +35,7 @@ import os
 import random
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -357,34 +358,72 @@ def table(results: list[dict[str, Any]], *, instant: bool) -> str:
     if instant:
         head = (
             "| client | items | succeeded | 429s | images submitted once | wall s | items/s | "
-            "CPU ms/item (process / batch) | peak RSS MB |"
+            "CPU ms/item (process / batch) | peak RSS MB | loopback round trip µs CPU |"
         )
-        rows = [head, "|" + "---|" * 9]
+        rows = [head, "|" + "---|" * 10]
         for m in results:
             once = m["images_submitted"] == m["items"] and m["duplicate_submissions"] == 0
             rows.append(
                 f"| {m['client']} | {m['items']:,} | {m['succeeded']:,} | {m['throttled']} | "
                 f"{'yes' if once else 'NO'} | {_f(m['batch_wall_s'])} | {_f(m['items_per_wall_s'], 0)} | "
-                f"{_f(m['cpu_ms_per_item'], 2)} / {_f(m['batch_cpu_ms_per_item'], 2)} | {_f(m['peak_rss_mb'], 0)} |"
+                f"{_f(m['cpu_ms_per_item'], 2)} / {_f(m['batch_cpu_ms_per_item'], 2)} | {_f(m['peak_rss_mb'], 0)} | "
+                f"{_f(m['loopback_rtt_cpu_us'], 1)} |"
             )
         return "\n".join(rows)
     head = (
         "| client | ok / items | makespan s | lower bound s | ÷ bound | idle s (% of makespan) | longest gap s | "
-        "queries/task | 429s | dup. submits | CPU ms/item (process / batch) | peak RSS MB |"
+        "queries/task | 429s | dup. submits | CPU ms/item (process / batch) | peak RSS MB | "
+        "loopback round trip µs CPU |"
     )
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for m in results:
         rows.append(
             f"| {m['client']} | {m['succeeded']}/{m['items']} | {_f(m['makespan_s'], 0)} | "
             f"{_f(m['lower_bound_s'], 0)} | {_f(m['ratio'], 3)} | {_f(m['idle_s'], 0)} ({_f(m['idle_pct'], 1)} %) | "
             f"{_f(m['max_idle_gap_s'], 1)} | {_f(m['queries_per_task'], 2)} | {m['throttled']} | "
             f"{m['duplicate_submissions']} | {_f(m['cpu_ms_per_item'], 1)} / {_f(m['batch_cpu_ms_per_item'], 1)} | "
-            f"{_f(m['peak_rss_mb'], 0)} |"
+            f"{_f(m['peak_rss_mb'], 0)} | {_f(m['loopback_rtt_cpu_us'], 1)} |"
         )
     return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------- the bench
+
+
+_ECHO = """
+import socket, sys
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := conn.recv(65536):
+    conn.sendall(data)
+"""
+
+
+def loopback_round_trip_cpu_us(round_trips: int = 3000) -> float:
+    """CPU µs this process spends per small request/answer exchange with another process over loopback TCP.
+
+    The machine's state, not the engine's: on a quiet host it is ~10 µs; when the host is busy, waking the other
+    process's vCPU costs several times that, and every HTTP exchange of a client pays it. Measured before each
+    client so that CPU per item can be read against it (docs/benchmarks.md).
+    """
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None
+        port = int(echo.stdout.readline())
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            message = b"x" * 300
+            cpu0 = _usage_s()
+            for _ in range(round_trips):
+                sock.sendall(message)
+                got = 0
+                while got < len(message):
+                    got += len(sock.recv(65536))
+            return 1e6 * (_usage_s() - cpu0) / round_trips
+    finally:
+        echo.wait(timeout=30)
 
 
 def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -428,10 +467,11 @@ def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[s
                     if client == "lpengine":
                         spec["config"] = str(write_lpengine_config(s, inputs, emu.url, files_url, out))
                         spec["overrides"] = s.lpengine_overrides
-                    log(f"running {client} …")
+                    rtt = loopback_round_trip_cpu_us()
+                    log(f"running {client} … (loopback round trip: {rtt:.1f} µs of CPU)")
                     run = run_client(spec, workdir)
                     stats = _http("GET", root_url + "/_emulator/stats")
-                    m = metrics(s, run, stats)
+                    m = metrics(s, run, stats) | {"loopback_rtt_cpu_us": rtt}
                     results.append(m)
                     log(table([m], instant=s.instant).splitlines()[-1])
         return {"settings": _settings_dict(s), "machine": _machine(), "results": results}

@@ -64,11 +64,12 @@ async def test_instant_batch_through_lpengine(tmp_path: Path) -> None:
         "wall_s",
         "batch_wall_s",
         "items_per_wall_s",
+        "loopback_rtt_cpu_us",
     ):
         assert isinstance(m[key], float | int), key
         assert math.isfinite(m[key]), key
     assert m["queries_per_task"] >= 1
-    assert m["peak_rss_mb"] > 0 and m["cpu_s"] > 0
+    assert m["peak_rss_mb"] > 0 and m["cpu_s"] > 0 and m["loopback_rtt_cpu_us"] > 0
 
     table = bench.table(report["results"], instant=True)
     assert table.splitlines()[2].startswith("| lpengine | 100 | 100 | 0 | yes |")
