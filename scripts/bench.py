@@ -423,7 +423,11 @@ def loopback_round_trip_cpu_us(round_trips: int = 3000) -> float:
                     got += len(sock.recv(65536))
             return 1e6 * (_usage_s() - cpu0) / round_trips
     finally:
-        echo.wait(timeout=30)
+        try:
+            echo.wait(timeout=5)  # it ends when the connection closes
+        except subprocess.TimeoutExpired:  # never connected: still waiting in accept()
+            echo.kill()
+            echo.wait()
 
 
 def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -59,9 +59,10 @@ class StageContext:
     audio: dict[str, AudioTrack] = field(default_factory=dict)
     locks: dict[tuple[str, str], _KeyLock] = field(default_factory=dict)
     """Per-content locks, so concurrent copies of one file publish or detect once."""
+    # Resolved once from the config: every item reads them, and resolving a path is work each time.
     output_dir: Path = field(init=False)
     default_audio: str | None = field(init=False)
-    """The config's `audio`, resolved: both are read for every item, and resolving is path work each time."""
+    """The config's `audio`, resolved (None without one: each item then names its own)."""
 
     def __post_init__(self) -> None:
         self.output_dir = self.config.output_dir
