@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import operator
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from lpengine.client.api import DashScopeClient
 from lpengine.config import BatchConfig
+from lpengine.locks import KeyedLocks
 from lpengine.logs import BatchLog
 from lpengine.models import Item, ItemState, Stage
 from lpengine.state.store import SqliteStateStore
@@ -39,13 +39,6 @@ class AudioTrack:
     duration_s: float
 
 
-@dataclass(slots=True)
-class _KeyLock:
-    lock: asyncio.Lock  # asyncio's primitives here and for the window: see `lpengine.client.limits.RateMeter`
-    users: int = 0
-    """Tasks holding or awaiting `lock`."""
-
-
 @dataclass
 class StageContext:
     config: BatchConfig
@@ -55,9 +48,10 @@ class StageContext:
     log: BatchLog
     on_event: Callable[[ProgressEvent], None] | None = None
     url_lifetime: timedelta = timedelta(hours=2)
+    # asyncio's semaphore, not anyio's: see `lpengine.client.limits.RateMeter`
     window: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
     audio: dict[str, AudioTrack] = field(default_factory=dict)
-    locks: dict[tuple[str, str], _KeyLock] = field(default_factory=dict)
+    locks: KeyedLocks[tuple[str, str]] = field(default_factory=KeyedLocks)
     """Per-content locks, so concurrent copies of one file publish or detect once."""
     # Resolved once from the config: every item reads them, and resolving a path is work each time.
     output_dir: Path = field(init=False)
@@ -71,22 +65,6 @@ class StageContext:
     @property
     def speedup(self) -> float:
         return self.config.speedup
-
-    @asynccontextmanager
-    async def lock(self, key: tuple[str, str]) -> AsyncIterator[None]:
-        """Hold the per-content lock `key`; it is forgotten once nobody holds or awaits it (a 100k batch would
-        otherwise keep two locks per image, ~1.8 KB each, to the end)."""
-        entry = self.locks.get(key)
-        if entry is None:
-            entry = self.locks[key] = _KeyLock(asyncio.Lock())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                yield
-        finally:
-            entry.users -= 1
-            if not entry.users:
-                del self.locks[key]
 
     @property
     def api(self) -> DashScopeClient:

@@ -23,7 +23,7 @@ async def detect(ctx: StageContext, item: Item) -> None:
     started = time.perf_counter()
     key = item.image.sha256 if item.image else item.spec.image
     # Copies of one image in a batch wait for the first one's verdict instead of paying again.
-    async with ctx.lock(("detect", key)):
+    async with ctx.locks.hold(("detect", key)):
         verdict = await ctx.store.detect_verdict(key)
         fresh = verdict is None
         if verdict is None:

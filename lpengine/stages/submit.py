@@ -33,7 +33,7 @@ async def submit(ctx: StageContext, item: Item) -> None:
     """Get the item a task id: adopt a reconciled one, or submit (bounded by `state.max_submit_attempts`)."""
     item.stage = Stage.SUBMIT
     started = time.perf_counter()
-    async with ctx.lock(("submit", "")):
+    async with ctx.locks.hold(("submit", "")):
         await _submit_locked(ctx, item)
     item.timings["submit"] = item.timings.get("submit", 0.0) + time.perf_counter() - started
 

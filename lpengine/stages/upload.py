@@ -125,7 +125,7 @@ async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
     """Publish once per (content, model) per batch — and across runs for durable backends."""
     backend = ctx.storage.name
     durable = ctx.storage.durable
-    async with ctx.lock((file.sha256, model)):
+    async with ctx.locks.hold((file.sha256, model)):
         needed_until = time.time() + ctx.url_lifetime.total_seconds()
         if durable:
             cached = await ctx.store.upload(file.sha256, model, backend)

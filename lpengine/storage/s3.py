@@ -41,6 +41,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from lpengine.config import S3StorageConfig, Secrets
 from lpengine.errors import StorageError
+from lpengine.locks import KeyedLocks
 from lpengine.storage.base import LocalFile, Published
 
 __all__ = ["MAX_URL_LIFETIME", "S3Storage"]
@@ -112,7 +113,7 @@ class S3Storage:
         # Keys known to exist with the right size: one audio behind 500 portraits costs one HEAD, not 500.
         self._present: set[str] = set()
         # One lock per key so concurrent publishes of one file do one HEAD and at most one PUT.
-        self._key_locks: dict[str, anyio.Lock] = {}
+        self._key_locks: KeyedLocks[str] = KeyedLocks()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class S3Storage:
         self._require_open()
         key = self.object_key(file)
         created = False
-        async with self._key_locks.setdefault(key, anyio.Lock()):
+        async with self._key_locks.hold(key):
             if key not in self._present:
                 if not await self._exists(key, file.size):
                     await self._put(key, file)
