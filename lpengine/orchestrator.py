@@ -47,6 +47,11 @@ async def handoff(stream: MemoryObjectSendStream[Item], item: Item) -> None:
         stream.send_nowait(item)
     except anyio.WouldBlock:
         await stream.send(item)
+    except anyio.BrokenResourceError:
+        # Every receiver has left, which only a stop does (workers leave on cancellation): raise that cancellation,
+        # as `send` would have at its first checkpoint, not a broken stream that reads like a bug.
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        raise
 
 
 async def drain(inbox: MemoryObjectReceiveStream[Item]) -> AsyncIterator[Item]:
