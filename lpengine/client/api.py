@@ -185,11 +185,13 @@ class DashScopeClient:
         data = None if json_body is None else orjson.dumps(json_body)
         headers = self._headers(async_call=async_call, resolve=resolve, json=data is not None)
         url = self._urls.get(path) or self.base_url + path  # the fixed endpoints skip URL parsing
-        async with (
-            self.budget.in_flight,
-            self.session.request(method, url, data=data, params=params, headers=headers) as resp,
-        ):
-            raw = await resp.read()
+        async with self.budget.in_flight:
+            # The pacing lock and this semaphore are asyncio's, which take a free slot without a checkpoint: look
+            # for a stop here, so that a stopped run sends no new request (detect and submit are billed), rather
+            # than rely on aiohttp yielding somewhere before it writes.
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            async with self.session.request(method, url, data=data, params=params, headers=headers) as resp:
+                raw = await resp.read()
             try:
                 body = orjson.loads(raw) if raw else {}
             except orjson.JSONDecodeError:

@@ -143,6 +143,19 @@ async def test_auth_and_bad_request_are_not_retried(
     assert world.emu.stats().requests.get("detect", 0) == 2
 
 
+async def test_a_stopped_caller_sends_no_new_request(world: World, portraits: list[Path]) -> None:
+    """Pacing and the in-flight bound take a free slot without yielding; the stop is still seen before a billed call
+    leaves."""
+    url = await world.url(portraits[0])
+    async with DashScopeClient(_api(), SecretStr(KEY), base_url=world.emu.base_url) as client:
+        assert (await client.detect(url)).passed  # a pooled connection: sending would not need to wait for one
+        with anyio.CancelScope() as stop:
+            stop.cancel()
+            await client.detect(url)
+        assert stop.cancelled_caught
+    assert world.emu.stats().requests.get("detect", 0) == 1
+
+
 async def test_retryable_errors_are_retried_within_bounds(
     world: World, portraits: list[Path], fast_retries: None
 ) -> None:
