@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import anyio
+
 K = TypeVar("K", bound=Hashable)
 
 
@@ -34,7 +36,12 @@ class KeyedLocks(Generic[K]):
 
     @asynccontextmanager
     async def hold(self, key: K) -> AsyncIterator[None]:
-        """Hold the lock for `key`, waiting behind earlier holders of the same key only."""
+        """Hold the lock for `key`, waiting behind earlier holders of the same key only.
+
+        A stop is looked for first, as anyio's locks do: asyncio's take a free lock without a checkpoint, and the
+        stages take these locks just before they commit the write-ahead mark of a billed call.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry()

@@ -63,3 +63,14 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
         release.set()
 
     assert len(locks) == 0
+
+
+async def test_a_stopped_task_does_not_take_a_free_lock() -> None:
+    """The stages commit a billed call's write-ahead mark right after taking a lock: a stop must end them first."""
+    locks: KeyedLocks[str] = KeyedLocks()
+    took: list[str] = []
+    with anyio.CancelScope() as stop:
+        stop.cancel()
+        async with locks.hold("a"):
+            took.append("a")
+    assert stop.cancelled_caught and took == [] and len(locks) == 0
