@@ -408,11 +408,9 @@ def loopback_round_trip_cpu_us(round_trips: int = 3000) -> float:
     process's vCPU costs several times that, and every HTTP exchange of a client pays it. Measured before each
     client so that CPU per item can be read against it (docs/benchmarks.md).
     """
-    echo = subprocess.Popen([sys.executable, "-c", _ECHO], stdout=subprocess.PIPE, text=True)
+    echo = _start([sys.executable, "-c", _ECHO])
     try:
-        assert echo.stdout is not None
-        port = int(echo.stdout.readline())
-        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        with socket.create_connection(("127.0.0.1", int(echo.url)), timeout=30) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             message = b"x" * 300
             cpu0 = _usage_s()
@@ -423,11 +421,7 @@ def loopback_round_trip_cpu_us(round_trips: int = 3000) -> float:
                     got += len(sock.recv(65536))
             return 1e6 * (_usage_s() - cpu0) / round_trips
     finally:
-        try:
-            echo.wait(timeout=5)  # it ends when the connection closes
-        except subprocess.TimeoutExpired:  # never connected: still waiting in accept()
-            echo.kill()
-            echo.wait()
+        _stop(echo)
 
 
 def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[str, Any]:
