@@ -123,11 +123,15 @@ class AudioInfo:
     content_type: str
     suffix: str
     data: bytes | None = field(default=None, repr=False, compare=False)
-    """The bytes that were checked and hashed, kept for small files (`INLINE_IO_BYTES`) so that publishing sends
-    exactly them without reading the file again."""
+    """As `ImageInfo.data`."""
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+
+
+def _kept(data: bytes) -> bytes | None:
+    """The checked bytes worth keeping for publishing (`ImageInfo.data`): a small file's, not a 10 MB photo's."""
+    return data if len(data) <= INLINE_IO_BYTES else None
 
 
 def _fmt_mb(size: int, limit: int) -> str:
@@ -458,7 +462,7 @@ def inspect_image(path: Path) -> ImageInfo:
         sha256=hashlib.sha256(data).hexdigest(),
         content_type=content_type,
         suffix=suffix,
-        data=data if len(data) <= INLINE_IO_BYTES else None,
+        data=_kept(data),
     )
 
 
@@ -602,7 +606,7 @@ def inspect_audio(path: Path, *, max_seconds: float = AUDIO_MAX_SECONDS) -> Audi
         sha256=hashlib.sha256(data).hexdigest(),
         content_type=content_type,
         suffix=suffix,
-        data=data if len(data) <= INLINE_IO_BYTES else None,
+        data=_kept(data),
     )
 
 
