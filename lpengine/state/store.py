@@ -41,12 +41,15 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_task ON items(task_id);
 CREATE INDEX IF NOT EXISTS items_output ON items(output_name);
+-- The small keyed tables are WITHOUT ROWID: one B-tree instead of a table plus the index of its text key, so a
+-- write touches one page fewer (measured: -13 us of CPU per item at 100k items, docs/benchmarks.md). Not `items`,
+-- whose ~1 KB rows make the clustered layout slower. Files made before keep their tables; both layouts work.
 CREATE TABLE IF NOT EXISTS detect_cache (
     image_sha TEXT PRIMARY KEY,
     passed    INTEGER,
     message   TEXT NOT NULL,
     at        REAL NOT NULL
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS uploads (
     sha        TEXT NOT NULL,
     model      TEXT NOT NULL,
@@ -56,12 +59,12 @@ CREATE TABLE IF NOT EXISTS uploads (
     expires_at REAL NOT NULL,
     created_key TEXT,
     PRIMARY KEY (sha, model, backend)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS task_claims (
     task_id     TEXT PRIMARY KEY,
     item_id     TEXT NOT NULL,
     claimed_wall REAL NOT NULL
-);
+) WITHOUT ROWID;
 """
 
 _BUSY_TIMEOUT_S = 5.0  # backstop only: readers in other processes (`lpengine status`) never block a WAL writer

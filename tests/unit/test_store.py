@@ -1,4 +1,4 @@
-"""Writes made `together()` commit as one transaction, or not at all, and never leave one open behind them."""
+"""The state file: writes made `together()` commit as one transaction or not at all, and older files stay usable."""
 
 from __future__ import annotations
 
@@ -44,3 +44,32 @@ async def test_writes_made_together_are_committed_together(tmp_path: Path) -> No
     async with SqliteStateStore(path) as reopened:
         assert await reopened.detect_verdict("a" * 64) == (True, "face found")
         assert await reopened.claimed_since("item-1", 0.0) == "task-1"
+
+
+_EARLIER_LAYOUT = """
+CREATE TABLE detect_cache (image_sha TEXT PRIMARY KEY, passed INTEGER, message TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE uploads (sha TEXT NOT NULL, model TEXT NOT NULL, backend TEXT NOT NULL, url TEXT NOT NULL,
+    resolve INTEGER NOT NULL, expires_at REAL NOT NULL, created_key TEXT, PRIMARY KEY (sha, model, backend));
+CREATE TABLE task_claims (task_id TEXT PRIMARY KEY, item_id TEXT NOT NULL, claimed_wall REAL NOT NULL);
+INSERT INTO detect_cache VALUES ('c', 1, 'face found', 1.0);
+INSERT INTO task_claims VALUES ('task-0', 'item-0', 1.0);
+"""
+
+
+async def test_a_state_file_with_the_earlier_rowid_tables_keeps_its_rows_and_takes_new_ones(tmp_path: Path) -> None:
+    """Files written before the small tables became WITHOUT ROWID are opened as they are, not rebuilt."""
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_EARLIER_LAYOUT)
+    async with SqliteStateStore(path) as store:
+        assert await store.detect_verdict("c") == (True, "face found")
+        assert not await store.claim_task("task-0", "item-1", 2.0)  # still owned by item-0
+        assert await store.claim_task("task-1", "item-1", 2.0)
+        await store.put_detect("d", None, "")
+        assert _without_rowid(store) == {"items": 0, "detect_cache": 0, "uploads": 0, "task_claims": 0}
+    async with SqliteStateStore(tmp_path / "new.db") as fresh:
+        assert _without_rowid(fresh) == {"items": 0, "detect_cache": 1, "uploads": 1, "task_claims": 1}
+
+
+def _without_rowid(store: SqliteStateStore) -> dict[str, int]:
+    return dict(store.db.execute("SELECT name, sql LIKE '%WITHOUT ROWID%' FROM sqlite_master WHERE type = 'table'"))
