@@ -247,12 +247,14 @@ def _video(index: int, result: ItemResult, base: str) -> str:
         return '<span class="muted">—</span>'
     if not os.path.isfile(result.output):
         return f'<span class="muted">not found: {escape(result.output)}</span>'
-    try:
-        href = Path(os.path.relpath(os.path.abspath(result.output), base)).as_posix()
-    except ValueError:  # another drive on Windows: no relative path exists
-        href = Path(os.path.abspath(result.output)).as_uri()
+    absolute = os.path.abspath(result.output)
+    if absolute.startswith(base + os.sep):  # the usual case, a video in the output folder: no relpath walk
+        href = quote(absolute[len(base) + 1 :].replace(os.sep, "/"))
     else:
-        href = quote(href)
+        try:
+            href = quote(Path(os.path.relpath(absolute, base)).as_posix())
+        except ValueError:  # another drive on Windows: no relative path exists
+            href = Path(absolute).as_uri()
     preload = "metadata" if index < THUMBNAIL_ROWS else "none"
     src = escape(href)
     return (

@@ -196,6 +196,20 @@ def test_suggested_fix(state: ItemState, reason: str, code: str | None, expected
     assert expected in suggest_fix(result("x.jpg", state, reason, task_code=code))
 
 
+def test_video_links_are_relative_to_the_page_wherever_the_video_is(tmp_path: Path) -> None:
+    """A video in (a subfolder of) the output folder, one beside it, and one whose folder only shares a prefix
+    with the output folder's name: each link leads from report.html to the file, with its characters quoted."""
+    out = tmp_path / "out"
+    places = [out / "sub" / "clip one.mp4", tmp_path / "other" / "clip#2.mp4", tmp_path / "out-old" / "clip3.mp4"]
+    for video in places:
+        video.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(STUB_MP4, video)
+    items = tuple(result(f"{i}.jpg", ItemState.SUCCEEDED, output=str(v)) for i, v in enumerate(places))
+    html = write_html_report(RunReport(items=items, wall_time_s=1.0), out).read_text(encoding="utf-8")
+    links = re.findall(r'<video controls preload="metadata" src="([^"]+)">', html)
+    assert links == ["sub/clip%20one.mp4", "../other/clip%232.mp4", "../out-old/clip3.mp4"]
+
+
 def test_large_batch_bounds_thumbnails(tmp_path: Path) -> None:
     image = portrait(tmp_path / "one.jpg", 100)
     items = tuple(result(str(image), ItemState.TASK_FAILED, f"InternalError.Algo: row {i}") for i in range(10_000))
