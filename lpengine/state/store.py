@@ -42,8 +42,8 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_task ON items(task_id);
 CREATE INDEX IF NOT EXISTS items_output ON items(output_name);
 -- The small keyed tables are WITHOUT ROWID: one B-tree instead of a table plus the index of its text key, so a
--- write touches one page fewer (measured: -13 us of CPU per item at 100k items, docs/benchmarks.md). Not `items`,
--- whose ~1 KB rows make the clustered layout slower. Files made before keep their tables; both layouts work.
+-- write touches one page fewer (-13 us of CPU per item in scripts/bench_store.py; docs/benchmarks.md). Not
+-- `items`, whose ~1 KB rows make the clustered layout slower. Older files keep their tables; both layouts work.
 CREATE TABLE IF NOT EXISTS detect_cache (
     image_sha TEXT PRIMARY KEY,
     passed    INTEGER,
