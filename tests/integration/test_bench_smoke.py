@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -92,3 +94,21 @@ async def test_cpu_floor_comparison_runs_on_url_inputs(tmp_path: Path) -> None:
     manifest = (tmp_path / "manifest.csv").read_text(encoding="utf-8")
     assert manifest.count("http://127.0.0.1:") == 80  # image and audio of every row are URLs
     assert all(math.isfinite(m["batch_cpu_ms_per_item"]) for m in (bare, lpengine))
+
+
+def test_state_store_replay_reports_its_figure(tmp_path: Path) -> None:
+    """scripts/bench_store.py runs as documented and prints one figure per repeat (again, no timing asserted)."""
+    script = BENCH.with_name("bench_store.py")
+    done = subprocess.run(
+        [sys.executable, str(script), "--items", "50", "--repeat", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    figure = re.compile(r"50 items: \d+ us CPU per item \(\d+ user, \d+ sys\), files \d+ MB")
+    assert all(figure.fullmatch(line) for line in lines), lines
