@@ -97,6 +97,9 @@ class Item:
     detect_paid: bool = False
     transient: bool = False
     resumed: bool = False
+    settled: bool = False
+    """Restored already finished, with nothing about it changed: the store holds all there is to say, so the
+    item is not saved again (a cron re-run of a finished 100k batch would otherwise commit 100k times)."""
 
     def finish(self, state: ItemState, reason: str = "", *, transient: bool = False) -> Item:
         """End the item. `transient` outcomes (network trouble, retryable task codes) are retried by a re-run;

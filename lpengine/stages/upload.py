@@ -108,6 +108,7 @@ async def prepare(ctx: StageContext, item: Item) -> None:
     if item.state is ItemState.SUCCEEDED and not await _output_verified(item):
         item.state = None  # the file vanished or changed: fetch it again (poll gives a fresh URL or says gone)
     if item.state is not None and not item.transient:
+        item.settled = stored.data.get("input") == item.spec.image  # else record where the image is now
         return
     item.state, item.reason, item.transient = None, "", False
 

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import shutil
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -169,6 +170,41 @@ async def test_rerun_pays_nothing_for_finished_work(
     assert after.requests.get("detect", 0) == before.requests.get("detect", 0)
     assert after.requests.get("submit", 0) == before.requests.get("submit", 0)
     assert after.result_downloads == before.result_downloads
+
+
+async def test_rerun_of_a_finished_batch_commits_nothing_unless_an_input_moved(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object
+) -> None:
+    """Finished items are not saved again on a re-run (cron over a large finished batch would commit once per
+    item for nothing), but an image found at a new path is: the state keeps saying where each input is."""
+    small = {"faces": dataset["faces"][:3], "non_faces": dataset["non_faces"][:1], "bad": []}
+    batch = make_batch(tmp_path, small, emulator.base_url)  # type: ignore[attr-defined]
+    config = load_config(batch)
+
+    def rows() -> dict[str, tuple[float, str]]:
+        with sqlite3.connect(config.state_path) as db:
+            query = "SELECT item_id, updated_at, json_extract(data, '$.input') FROM items"
+            return {item_id: (updated, where) for item_id, updated, where in db.execute(query)}
+
+    async with Engine(config, api_key=KEY) as engine:
+        await engine.run()
+    first = rows()
+    assert len(first) == 4
+    async with Engine(config, api_key=KEY) as engine:
+        second = await engine.run()
+    assert all(r.resumed for r in second.items)
+    assert rows() == first
+
+    (tmp_path / "photos").rename(tmp_path / "moved")
+    batch.write_text(batch.read_text().replace("images: photos", "images: moved"))
+    config = load_config(batch)
+    async with Engine(config, api_key=KEY) as engine:
+        third = await engine.run()
+    assert Counter(r.state for r in third.items) == Counter(r.state for r in second.items)
+    moved = rows()
+    assert moved.keys() == first.keys()
+    assert all(Path(where).parent == tmp_path / "moved" for _, where in moved.values())
+    assert all(moved[i][0] > first[i][0] for i in first)
 
 
 async def test_process_one_item_from_a_service(
