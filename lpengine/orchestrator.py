@@ -134,8 +134,7 @@ class Orchestrator:
 
     async def _finish(self, item: Item, results: MemoryObjectSendStream[Item]) -> None:
         self.ctx.release_inputs(item)
-        if item.item_id and not item.settled:
-            await self.ctx.save(item)
+        await self.ctx.save_finished(item)
         level = "info" if item.state is ItemState.SUCCEEDED else "warning"
         self.ctx.emit(item, "item.finished", level=level, state=item.state, reason=item.reason)
         await handoff(results, item)

@@ -16,6 +16,7 @@ account.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -65,6 +66,16 @@ CREATE TABLE IF NOT EXISTS task_claims (
     item_id     TEXT NOT NULL,
     claimed_wall REAL NOT NULL
 ) WITHOUT ROWID;
+-- What an image file held when it was last checked, by path and stat stamp: a re-run knows an unchanged image's
+-- content without reading and hashing it again (docs/cron.md).
+CREATE TABLE IF NOT EXISTS file_digests (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode    INTEGER NOT NULL,
+    sha256   TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 _BUSY_TIMEOUT_S = 5.0  # backstop only: readers in other processes (`lpengine status`) never block a WAL writer
@@ -79,6 +90,19 @@ class StoredItem:
     stage: str
     task_id: str | None
     data: dict[str, Any]
+
+
+FileStamp = tuple[int, int, int, int]
+"""(size, mtime_ns, ctime_ns, inode) of a file. Writing a file changes its ctime, which no tool can set back, so an
+equal stamp means the same content (git's index relies on the same fields)."""
+
+
+def file_stamp(path: str) -> FileStamp | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +128,8 @@ class StateStore(Protocol):
     async def claimed_since(self, item_id: str, wall: float) -> str | None: ...
     async def inflight_submits(self) -> list[tuple[str, float]]: ...
     async def created_keys(self) -> list[str]: ...
+    async def digest(self, path: str, stamp: FileStamp) -> str | None: ...
+    async def put_digest(self, path: str, stamp: FileStamp, sha256: str) -> None: ...
     def items(self) -> AsyncIterator[StoredItem]: ...
     def together(self) -> AbstractContextManager[None]: ...
 
@@ -275,6 +301,22 @@ class SqliteStateStore:
     async def created_keys(self) -> list[str]:
         rows = self._all("SELECT DISTINCT created_key FROM uploads WHERE created_key IS NOT NULL")
         return [str(r[0]) async for r in rows]
+
+    async def digest(self, path: str, stamp: FileStamp) -> str | None:
+        """The SHA-256 recorded for `path` when it last had this stamp; None if it was never checked or changed."""
+        row = await self._one(
+            "SELECT sha256 FROM file_digests "
+            "WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ? AND inode = ?",
+            (path, *stamp),
+        )
+        return str(row[0]) if row else None
+
+    async def put_digest(self, path: str, stamp: FileStamp, sha256: str) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO file_digests (path, size, mtime_ns, ctime_ns, inode, sha256) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (path, *stamp, sha256),
+        )
 
     async def forget_created_keys(self, keys: list[str]) -> None:
         with self.together():  # one transaction for the lot (autocommit would commit each row)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib
 import json
+import os
 import shutil
 import sqlite3
 from collections import Counter
@@ -205,6 +207,44 @@ async def test_rerun_of_a_finished_batch_commits_nothing_unless_an_input_moved(
     assert moved.keys() == first.keys()
     assert all(Path(where).parent == tmp_path / "moved" for _, where in moved.values())
     assert all(moved[i][0] > first[i][0] for i in first)
+
+
+async def test_rerun_reads_only_the_images_changed_since_they_were_checked(
+    tmp_path: Path, dataset: dict[str, list[Path]], emulator: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished item whose image still has the stat stamp recorded with its digest is not read again; a touched
+    image is read once more (same content: still finished, nothing paid); an edited one is a new item."""
+    upload_stage = importlib.import_module("lpengine.stages.upload")  # `lpengine.stages.upload` is the stage function
+
+    small = {"faces": dataset["faces"][:3], "non_faces": [], "bad": []}
+    config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
+    read: list[str] = []
+    inspect = upload_stage.inspect_image
+    monkeypatch.setattr(upload_stage, "inspect_image", lambda path: read.append(path.name) or inspect(path))
+
+    async def run() -> Counter[ItemState]:
+        read.clear()
+        async with Engine(config, api_key=KEY) as engine:
+            return Counter(r.state for r in (await engine.run()).items)
+
+    assert await run() == {ItemState.SUCCEEDED: 3}
+    assert len(read) == 3
+    paid = emulator.stats().requests.get("detect", 0)  # type: ignore[attr-defined]
+    assert await run() == {ItemState.SUCCEEDED: 3}
+    assert read == []
+
+    photos = sorted((tmp_path / "photos").iterdir())
+    os.utime(photos[0])  # a new mtime and ctime, same bytes
+    assert await run() == {ItemState.SUCCEEDED: 3}
+    assert read == [photos[0].name]
+    assert await run() == {ItemState.SUCCEEDED: 3}
+    assert read == []  # the fresh stamp was recorded
+    assert emulator.stats().requests.get("detect", 0) == paid  # type: ignore[attr-defined]
+
+    shutil.copyfile(dataset["faces"][5], photos[1])  # edited in place: new content
+    assert await run() == {ItemState.SUCCEEDED: 3}
+    assert read == [photos[1].name]
+    assert emulator.stats().requests.get("detect", 0) == paid + 1  # type: ignore[attr-defined]
 
 
 async def test_process_one_item_from_a_service(

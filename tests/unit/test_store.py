@@ -66,10 +66,29 @@ async def test_a_state_file_with_the_earlier_rowid_tables_keeps_its_rows_and_tak
         assert not await store.claim_task("task-0", "item-1", 2.0)  # still owned by item-0
         assert await store.claim_task("task-1", "item-1", 2.0)
         await store.put_detect("d", None, "")
-        assert _without_rowid(store) == {"items": 0, "detect_cache": 0, "uploads": 0, "task_claims": 0}
+        earlier = _without_rowid(store)
+    assert earlier == {"items": 0, "detect_cache": 0, "uploads": 0, "task_claims": 0, "file_digests": 1}  # added
     async with SqliteStateStore(tmp_path / "new.db") as fresh:
-        assert _without_rowid(fresh) == {"items": 0, "detect_cache": 1, "uploads": 1, "task_claims": 1}
+        assert _without_rowid(fresh) == {
+            "items": 0,
+            "detect_cache": 1,
+            "uploads": 1,
+            "task_claims": 1,
+            "file_digests": 1,
+        }
 
 
 def _without_rowid(store: SqliteStateStore) -> dict[str, int]:
     return dict(store.db.execute("SELECT name, sql LIKE '%WITHOUT ROWID%' FROM sqlite_master WHERE type = 'table'"))
+
+
+async def test_a_digest_answers_only_for_the_stamp_it_was_recorded_with(tmp_path: Path) -> None:
+    async with SqliteStateStore(tmp_path / "state.db") as store:
+        await store.put_digest("/in/a.jpg", (10, 1, 2, 3), "sha-one")
+        assert await store.digest("/in/a.jpg", (10, 1, 2, 3)) == "sha-one"
+        for changed in [(11, 1, 2, 3), (10, 9, 2, 3), (10, 1, 9, 3), (10, 1, 2, 9)]:  # size, mtime, ctime, inode
+            assert await store.digest("/in/a.jpg", changed) is None
+        assert await store.digest("/in/b.jpg", (10, 1, 2, 3)) is None
+        await store.put_digest("/in/a.jpg", (12, 4, 5, 3), "sha-two")  # checked again after an edit
+        assert await store.digest("/in/a.jpg", (10, 1, 2, 3)) is None
+        assert await store.digest("/in/a.jpg", (12, 4, 5, 3)) == "sha-two"
