@@ -32,6 +32,11 @@ def _read_if_small(path: Path) -> bytes | None:
         return fh.read()
 
 
+def _not_found() -> web.Response:
+    """A fresh response each time: aiohttp prepares (and so binds) a response to the request it answers."""
+    return web.Response(status=404, text="404: Not Found")
+
+
 _CACHE_BYTES = 32 * 1024 * 1024
 """Bound on the bytes of small files kept in memory (the items in flight rarely come near it)."""
 
@@ -92,13 +97,13 @@ class FileServerStorage:
         prefix, _, name = request.path[1:].partition("/")
         served = self._files.get(name) if prefix == self._prefix else None
         if served is None:
-            return web.Response(status=404, text="404: Not Found")
+            return _not_found()
         body = served.body
         if body is None:
             try:
                 body = _read_if_small(served.path)
             except OSError:
-                return web.Response(status=404, text="404: Not Found")
+                return _not_found()
             if body is not None:
                 self._keep(served, body)
         if body is not None:
