@@ -84,14 +84,14 @@ class StageContext:
     async def save_finished(self, item: Item) -> None:
         """The item's last save, with the digest of an image this run checked, so that re-runs know it unread while
         it stays unchanged; nothing at all for an item restored finished and unchanged."""
-        stamp = item.image_stamp if item.image is not None else None
-        if not item.item_id or (item.settled and stamp is None):
+        digest = (item.image_stamp, item.image.sha256) if item.image and item.image_stamp else None
+        if not item.item_id or (item.settled and digest is None):
             return
         with self.store.together():
             if not item.settled:
                 await self.save(item)
-            if item.image is not None and stamp is not None:
-                await self.store.put_digest(item.spec.image, stamp, item.image.sha256)
+            if digest is not None:
+                await self.store.put_digest(item.spec.image, *digest)
 
     def release_inputs(self, item: Item) -> None:
         """The item is finished: no task of it fetches its inputs again, so the storage may forget them."""
