@@ -249,6 +249,8 @@ class ClientRun:
     maxrss_mb: float
     wall_s: float
     exit_code: int
+    sleeps: int
+    """Voluntary context switches: how often the client slept waiting for I/O or a timer and was woken."""
 
 
 def run_client(spec: dict[str, Any], workdir: Path) -> ClientRun:
@@ -292,6 +294,7 @@ def run_client(spec: dict[str, Any], workdir: Path) -> ClientRun:
         maxrss_mb=usage.ru_maxrss / 1024,  # KiB on Linux
         wall_s=wall,
         exit_code=proc.returncode,
+        sleeps=usage.ru_nvcsw,
     )
 
 
@@ -341,6 +344,7 @@ def metrics(s: BenchSettings, run: ClientRun, stats: dict[str, Any]) -> dict[str
         "cpu_ms_per_item": 1000 * run.cpu_s / n,
         "batch_cpu_ms_per_item": 1000 * r["batch_cpu_s"] / n,
         "peak_rss_mb": run.maxrss_mb,
+        "sleeps_per_item": run.sleeps / n,
         "wall_s": run.wall_s,
         "batch_wall_s": r["batch_wall_s"],
         "items_per_wall_s": n / r["batch_wall_s"] if r["batch_wall_s"] > 0 else float("nan"),
@@ -358,16 +362,16 @@ def table(results: list[dict[str, Any]], *, instant: bool) -> str:
     if instant:
         head = (
             "| client | items | succeeded | 429s | images submitted once | wall s | items/s | "
-            "CPU ms/item (process / batch) | peak RSS MB | loopback round trip µs CPU |"
+            "CPU ms/item (process / batch) | sleeps/item | peak RSS MB | loopback round trip µs CPU |"
         )
-        rows = [head, "|" + "---|" * 10]
+        rows = [head, "|" + "---|" * 11]
         for m in results:
             once = m["images_submitted"] == m["items"] and m["duplicate_submissions"] == 0
             rows.append(
                 f"| {m['client']} | {m['items']:,} | {m['succeeded']:,} | {m['throttled']} | "
                 f"{'yes' if once else 'NO'} | {_f(m['batch_wall_s'])} | {_f(m['items_per_wall_s'], 0)} | "
-                f"{_f(m['cpu_ms_per_item'], 2)} / {_f(m['batch_cpu_ms_per_item'], 2)} | {_f(m['peak_rss_mb'], 0)} | "
-                f"{_f(m['loopback_rtt_cpu_us'], 1)} |"
+                f"{_f(m['cpu_ms_per_item'], 2)} / {_f(m['batch_cpu_ms_per_item'], 2)} | "
+                f"{_f(m['sleeps_per_item'], 1)} | {_f(m['peak_rss_mb'], 0)} | {_f(m['loopback_rtt_cpu_us'], 1)} |"
             )
         return "\n".join(rows)
     head = (
@@ -494,7 +498,7 @@ def _machine() -> dict[str, Any]:
 
     return {
         "cpus": os.cpu_count(),
-        "python": platform.python_version(),
+        "python": sys.version,  # with the build's date and compiler: builds of one version differ (benchmarks.md)
         "platform": platform.platform(),
     }
 

@@ -63,6 +63,7 @@ async def test_instant_batch_through_lpengine(tmp_path: Path) -> None:
         "cpu_ms_per_item",
         "batch_cpu_ms_per_item",
         "peak_rss_mb",
+        "sleeps_per_item",
         "wall_s",
         "batch_wall_s",
         "items_per_wall_s",
@@ -72,6 +73,7 @@ async def test_instant_batch_through_lpengine(tmp_path: Path) -> None:
         assert math.isfinite(m[key]), key
     assert m["queries_per_task"] >= 1
     assert m["peak_rss_mb"] > 0 and m["cpu_s"] > 0 and m["loopback_rtt_cpu_us"] > 0
+    assert m["sleeps_per_item"] > 0  # an asyncio client waits on its sockets: a zero means the figure is not read
 
     table = bench.table(report["results"], instant=True)
     assert table.splitlines()[2].startswith("| lpengine | 100 | 100 | 0 | yes |")
