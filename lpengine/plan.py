@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 import re
+import sqlite3
 import unicodedata
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +94,42 @@ def _is_url(value: str) -> bool:
     return value.startswith(("http://", "https://", "oss://"))
 
 
+class KeySet:
+    """The keys a plan has seen, in a private temporary SQLite file rather than in memory.
+
+    A plan must remember every output name (and every manifest row, to refuse duplicates) until the batch's last
+    item: in Python sets that is ~0.35 KB per row, held for the whole run, so a manifest of a million rows would
+    grow the process by ~350 MB as it streams. SQLite keeps ~2 MB of pages cached and the rest in a file it deletes
+    on close (`sqlite3.connect("")`). One transaction is left open on purpose: nothing here needs to survive, and
+    a commit per key would write pages out every time. `check_same_thread=False`: the engine plans in chunks on
+    worker threads, one chunk at a time.
+    """
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, first INTEGER NOT NULL) WITHOUT ROWID")
+        self._db.execute("BEGIN")
+        # closed when dropped too (the engine's namer lives as long as the engine object), without a ResourceWarning
+        self._close = weakref.finalize(self, self._db.close)
+
+    def add(self, key: str | bytes, first: int = 0) -> bool:
+        """True if `key` is new (and is now taken, with `first`); False if it was seen before."""
+        return self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, first)).rowcount == 1
+
+    def first(self, key: str | bytes) -> int:
+        """The `first` value stored when `key` was added."""
+        return int(self._db.execute("SELECT first FROM seen WHERE key = ?", (key,)).fetchone()[0])
+
+    def close(self) -> None:
+        self._close()
+
+
 class Namer:
     """Assigns unique output names in enumeration order: `a.jpg` → `a`, then `a.png` → `a_png`, then `a_png_2`."""
 
     def __init__(self) -> None:
-        self._taken: set[str] = set()
+        self._taken = KeySet()
 
     def assign(self, wanted: str, suffix: str = "") -> str:
         base = safe_stem(wanted)
@@ -103,15 +137,15 @@ class Namer:
         if suffix:
             candidates.append(safe_stem(f"{base}_{suffix.lstrip('.')}"))
         for name in candidates:
-            if name.casefold() not in self._taken:
-                self._taken.add(name.casefold())
+            if self._taken.add(name.casefold()):
                 return name
         n = 2
-        while f"{candidates[-1]}_{n}".casefold() in self._taken:
+        while not self._taken.add(f"{candidates[-1]}_{n}".casefold()):
             n += 1
-        name = f"{candidates[-1]}_{n}"
-        self._taken.add(name.casefold())
-        return name
+        return f"{candidates[-1]}_{n}"
+
+    def close(self) -> None:
+        self._taken.close()
 
 
 def input_problems(config: BatchConfig) -> list[str]:
@@ -145,6 +179,13 @@ def _scan(config: BatchConfig, pattern: str) -> Iterator[Path]:
 def iter_plan(config: BatchConfig) -> Iterator[ItemSpec | PlanProblem]:
     """Every input of the batch, in a stable order, as a spec or a problem."""
     namer = Namer()
+    try:
+        yield from _iter_inputs(config, namer)
+    finally:  # exhausted, or closed early (a stopped run)
+        namer.close()
+
+
+def _iter_inputs(config: BatchConfig, namer: Namer) -> Iterator[ItemSpec | PlanProblem]:
     if config.inputs.images is not None:
         root = config.resolve(config.inputs.images)
         folder = root if root.is_dir() else None
@@ -217,7 +258,14 @@ def _iter_manifest(config: BatchConfig, path: Path, namer: Namer) -> Iterator[It
     if not path.is_file():
         yield PlanProblem(str(path), str(path), "manifest file not found; check inputs.manifest")
         return
-    seen: dict[tuple[str, str, str], int] = {}
+    seen = KeySet()
+    try:
+        yield from _manifest_specs(config, path, namer, seen)
+    finally:
+        seen.close()
+
+
+def _manifest_specs(config: BatchConfig, path: Path, namer: Namer, seen: KeySet) -> Iterator[ItemSpec | PlanProblem]:
     for lineno, row in _rows(path):
         source = f"{path.name}:{lineno}"
         if isinstance(row, str):
@@ -248,15 +296,14 @@ def _iter_manifest(config: BatchConfig, path: Path, namer: Namer) -> Iterator[It
         audio_ref = None
         if audio:
             audio_ref = str(audio) if _is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
-        key = (
-            image_ref,
-            audio_ref or "",
-            json.dumps(overrides.model_dump(exclude_none=True), sort_keys=True),
+        row_key = "\0".join(
+            (image_ref, audio_ref or "", json.dumps(overrides.model_dump(exclude_none=True), sort_keys=True))
         )
-        if key in seen:
-            yield PlanProblem(source, image, f"duplicate of line {seen[key]}; remove one of them")
+        # 16 bytes however long the URLs are (signed OSS URLs run to a kilobyte); a collision needs ~2^64 rows
+        key = hashlib.blake2b(row_key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if not seen.add(key, lineno):
+            yield PlanProblem(source, image, f"duplicate of line {seen.first(key)}; remove one of them")
             continue
-        seen[key] = lineno
         wanted = _output_stem(str(row["output"])) if row.get("output") else Path(image.split("?")[0]).stem
         yield ItemSpec(
             image=image_ref,
