@@ -296,11 +296,9 @@ def _manifest_specs(config: BatchConfig, path: Path, namer: Namer, seen: KeySet)
         audio_ref = None
         if audio:
             audio_ref = str(audio) if _is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
-        row_key = "\0".join(
-            (image_ref, audio_ref or "", json.dumps(overrides.model_dump(exclude_none=True), sort_keys=True))
-        )
+        row_key = json.dumps([image_ref, audio_ref or "", overrides.model_dump(exclude_none=True)], sort_keys=True)
         # 16 bytes however long the URLs are (signed OSS URLs run to a kilobyte); a collision needs ~2^64 rows
-        key = hashlib.blake2b(row_key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        key = hashlib.blake2b(row_key.encode(), digest_size=16).digest()  # json.dumps gives ASCII
         if not seen.add(key, lineno):
             yield PlanProblem(source, image, f"duplicate of line {seen.first(key)}; remove one of them")
             continue
