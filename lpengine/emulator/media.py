@@ -126,6 +126,21 @@ def inspect_audio(data: bytes, max_duration_s: float) -> AudioInfo:
     return AudioInfo(sha256(data), duration)
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
+def _heavy(module: str) -> Any:
+    """Import an optional heavy module under one lock, from whichever worker thread needs it first.
+
+    OpenCV's package swaps itself out of `sys.modules` for its native extension while it loads, so another thread
+    that imports `cv2.data` at that moment finds a `cv2` that is not a package and fails (seen under load in the
+    demo). Serialising these imports lets the first one finish before anyone else looks; later calls only take an
+    uncontended lock and read `sys.modules`.
+    """
+    with _IMPORT_LOCK:
+        return importlib.import_module(module)
+
+
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -167,12 +182,10 @@ class FaceDetector:
         return verdict
 
     def _haar(self, pixels: Image.Image) -> bool:
-        import cv2
-        import numpy as np
-
+        cv2, np = _heavy("cv2"), _heavy("numpy")
         cascade = getattr(self._local, "cascade", None)
         if cascade is None:
-            folder = importlib.import_module("cv2.data").haarcascades  # cv2's stubs lack the `data` module
+            folder = _heavy("cv2.data").haarcascades
             cascade = cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
             self._local.cascade = cascade
         gray = pixels.convert("L")
@@ -212,9 +225,7 @@ def stub_video() -> bytes:
 def encode_video(thumbnail_jpeg: bytes, audio: bytes, fps: int) -> bytes:
     """The still image for the audio's whole length at `fps`, H.264 + AAC in MP4, all in memory (no ffmpeg binary:
     PyAV's wheel bundles the codecs). Blocking; call it from a worker thread."""
-    import av
-    import numpy as np
-
+    av, np = _heavy("av"), _heavy("numpy")
     pixels = np.asarray(Image.open(io.BytesIO(thumbnail_jpeg)).convert("RGB"))
     resampler = av.AudioResampler(format="fltp", layout="mono", rate=_AUDIO_RATE)
     samples: list[Any] = []
