@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import anyio
+import stamina
 import typer
 
 from lpengine import logs
@@ -71,6 +72,9 @@ def _setup_logging(fmt: str | None, level: str | None, cfg: BatchConfig | None =
     if level not in ("debug", "info", "warning", "error"):
         raise _fail([f"--log-level: {level!r} is not allowed; use debug, info, warning or error"], EXIT_CONFIG)
     logs.configure(fmt=fmt, level=level)
+    # The engine logs each retry itself (`request.retry`, with the item and the attempt); stamina's own warning
+    # would only repeat it on the terminal without saying which item it was.
+    stamina.instrumentation.set_on_retry_hooks([])
     return fmt, level
 
 
@@ -153,6 +157,9 @@ def run(
     output: OutputOpt = None,
     log_format: LogFormat = None,
     log_level: LogLevel = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Debug logs, with the traceback of any internal error.")
+    ] = False,
     progress_interval: Annotated[
         float | None, typer.Option("--progress-interval", help="Off a TTY: print a JSON progress line every N s.")
     ] = None,
@@ -165,7 +172,7 @@ def run(
     Examples: lpengine run configs/batch.yaml --dry-run · lpengine run configs/batch.yaml --limit 10
     """
     cfg = _load(config, output)
-    log_format, log_level = _setup_logging(log_format, log_level, cfg)
+    log_format, log_level = _setup_logging(log_format, "debug" if debug else log_level, cfg)
     if dry_run:
         raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))
     raise typer.Exit(

@@ -103,17 +103,28 @@ class BatchLog:
             self._file = None
 
 
+def _without_traceback(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    event.pop("exc_info", None)
+    return event
+
+
 def configure(*, fmt: str = "console", level: str = "info", stream: TextIO | None = None) -> None:
-    """stderr rendering for the CLI: human console lines or JSON lines. The library never calls this."""
+    """stderr rendering for the CLI: human console lines or JSON lines. The library never calls this.
+
+    Tracebacks are rendered at the debug level only: anything else sees one line naming the error, which is all a
+    user can act on (a traceback on the terminal reads like a crash even when the item was retried and succeeded).
+    """
     renderer: Any = (
         structlog.processors.JSONRenderer(ensure_ascii=False)
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
     )
+    tracebacks = [structlog.processors.format_exc_info] if fmt == "json" else []
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *(tracebacks if level == "debug" else [_without_traceback]),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -21,7 +21,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from lpengine.errors import AuthError, QuotaError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages import PollScheduler, detect, download, poll_once, prepare, submit, upload
-from lpengine.stages.context import StageContext
+from lpengine.stages.context import StageContext, current_item
 
 Step = Callable[[StageContext, Item], Awaitable[None]]
 
@@ -124,6 +124,7 @@ class Orchestrator:
                 stream.close()
 
     async def _run_step(self, step: Step, item: Item) -> None:
+        current_item.set(item)  # each worker is its own task: this names the item in its client retries
         try:
             await step(self.ctx, item)
         except (AuthError, QuotaError):
@@ -182,6 +183,7 @@ class Orchestrator:
         async with outbox, results:
             while (tracked := await self.scheduler.next_due()) is not None:
                 item = tracked.item
+                current_item.set(item)
                 try:
                     left = await poll_once(self.ctx, self.scheduler, tracked)
                 except (AuthError, QuotaError):

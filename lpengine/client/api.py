@@ -116,6 +116,8 @@ class DashScopeClient:
         self._header_sets: dict[tuple[bool, bool, bool], Mapping[str, str]] = {}
         self._urls = {path: URL(self.base_url + path) for path in (DETECT_PATH, SYNTHESIS_PATH)}
         self.retries = 0
+        self.on_retry: Callable[[Exception, int], None] | None = None
+        """Told of every retry (the error that caused it, the attempt about to start), to log it per item."""
 
     def __repr__(self) -> str:
         return f"DashScopeClient(base_url={self.base_url!r})"
@@ -212,8 +214,10 @@ class DashScopeClient:
             attempt, retry_on=is_retryable, policy=retry, timeout_s=retry.total_timeout_s, on_retry=self._count
         )
 
-    def _count(self) -> None:
+    def _count(self, error: Exception, attempt: int) -> None:
         self.retries += 1
+        if self.on_retry is not None:
+            self.on_retry(error, attempt)
 
     async def _call(
         self,

@@ -28,10 +28,11 @@ async def call_with_retries(
     retry_on: Callable[[Exception], bool],
     policy: RetryConfig,
     timeout_s: float,
-    on_retry: Callable[[], None] | None = None,
+    on_retry: Callable[[Exception, int], None] | None = None,
 ) -> T:
     """Await `attempt()` until it returns, raises something `retry_on` refuses, or the attempts or time run out
-    (then the last error propagates)."""
+    (then the last error propagates). `on_retry(error, attempt)` hears of each retry before it is made: the error
+    that caused it and the number of the attempt about to start (2 for the first retry)."""
     started = time.monotonic()  # only differences matter; anyio's clock costs a backend lookup per call
     try:
         return await attempt()
@@ -44,6 +45,7 @@ async def call_with_retries(
     remaining = timeout_s - (time.monotonic() - started)
     if remaining <= 0:
         raise first_error
+    last_error, attempt_no = first_error, 1
     async for retry in stamina.retry_context(
         on=retry_on,
         attempts=policy.attempts - 1,
@@ -52,8 +54,13 @@ async def call_with_retries(
         wait_max=policy.max_wait_s,
         wait_jitter=policy.initial_wait_s,
     ):
+        attempt_no += 1
         if on_retry is not None:
-            on_retry()
+            on_retry(last_error, attempt_no)
         with retry:
-            return await attempt()
+            try:
+                return await attempt()
+            except Exception as exc:
+                last_error = exc
+                raise
     raise AssertionError("unreachable: stamina re-raises after the last attempt")  # pragma: no cover

@@ -19,6 +19,7 @@ from xml.sax.saxutils import escape
 import aiohttp
 import anyio
 import anyio.to_thread
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -209,15 +210,28 @@ class _Emulator:
             endpoint = request.get(_ENDPOINT)
             if error.status == 429 and endpoint is not None:
                 self.state.count_throttled(endpoint)
-            if isinstance(error, OssError) or request.get(_OSS_STYLE, False):
-                return _oss_xml(error, request_id)
-            body = {"code": error.code, "message": error.message, "request_id": request_id}
-            return web.json_response(body, status=error.status)
+            return self._error_response(request, error)
         except _Drop:
             if request.transport is not None:
                 request.transport.close()
             # aiohttp fails to write this to the closed transport and drops the connection quietly.
             return web.Response()
+        except web.HTTPException:
+            raise
+        except Exception as error:
+            # A bug of the emulator's own: answer like the service's 500 (a client retries it) and log one
+            # structured line; its traceback is shown only when debug logging asks for it (`lpengine run --debug`).
+            structlog.get_logger("lpengine.emulator").error(
+                "emulator.internal_error", path=request.path, error=repr(error), exc_info=error
+            )
+            return self._error_response(request, ApiError.catalogued("InternalError"))
+
+    @staticmethod
+    def _error_response(request: web.Request, error: ApiError | OssError) -> web.Response:
+        if isinstance(error, OssError) or request.get(_OSS_STYLE, False):
+            return _oss_xml(error, request[_REQUEST_ID])
+        body = {"code": error.code, "message": error.message, "request_id": request[_REQUEST_ID]}
+        return web.json_response(body, status=error.status)
 
     async def _enter(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import operator
 import time
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from lpengine.logs import BatchLog
 from lpengine.models import Item, ItemState, Stage
 from lpengine.state.store import SqliteStateStore
 from lpengine.storage.base import LocalFile, Storage
+
+current_item: contextvars.ContextVar[Item | None] = contextvars.ContextVar("lpengine_current_item", default=None)
+"""The item the running stage worker is busy with: the client's retries are logged against it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,28 @@ class StageContext:
     def __post_init__(self) -> None:
         self.output_dir = self.config.output_dir
         self.default_audio = str(self.config.resolve(self.config.audio)) if self.config.audio else None
+        if self.client is not None:
+            self.client.on_retry = self._client_retried
+
+    def _client_retried(self, error: Exception, attempt: int) -> None:
+        item = current_item.get()
+        if item is None:
+            self.log.emit("info", "request.retry", attempt=attempt, error=describe(error))
+        else:
+            self.retried(item, error, attempt)
+
+    def retried(self, item: Item, error: Exception, attempt: int) -> None:
+        """A request of `item` failed and is tried again: one structured event (never a traceback), so that a
+        fault the retry hides stays visible in the log without alarming whoever watches the terminal."""
+        self.log.emit(
+            "info",
+            "request.retry",
+            item=item.spec.output_name,
+            stage=item.stage.value,
+            task_id=item.task_id,
+            attempt=attempt,
+            error=describe(error),
+        )
 
     @property
     def speedup(self) -> float:
@@ -121,6 +147,10 @@ class StageContext:
                     cost_cny=item.cost(pricing.detect_per_image, pricing.video_per_second),
                 )
             )
+
+
+def describe(error: BaseException) -> str:
+    return f"{error.__class__.__name__}: {error}"
 
 
 _PERSISTED = (

@@ -68,6 +68,7 @@ async def download(ctx: StageContext, item: Item) -> None:
             retry_on=lambda exc: isinstance(exc, NetworkError | _BadBody),
             policy=retry,
             timeout_s=retry.total_timeout_s + ctx.config.api.download_timeout_s,
+            on_retry=lambda error, attempt: ctx.retried(item, error, attempt),
         )
     except _Expired:
         # Only a new task can produce the video now: forget this one, so the re-run submits again (as promised)

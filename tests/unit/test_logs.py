@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from lpengine.logs import BatchLog, Redactor
+from lpengine.logs import BatchLog, Redactor, configure
 
 KEY = "sk-0123456789abcdef"
 OSS = "oss/Secret+Value=="
@@ -91,3 +92,20 @@ def test_an_event_below_the_forward_level_is_neither_forwarded_nor_redacted(stru
     log.emit("info", "submit.accepted", obj=Watched(), error=KEY)
     assert [e["event"] for e in captured.entries] == ["submit.accepted"]
     assert captured.entries[0]["error"] == "***" and shown  # shown: the forwarded event was redacted
+
+
+@pytest.mark.parametrize(("level", "shown"), [("warning", False), ("info", False), ("debug", True)])
+@pytest.mark.parametrize("fmt", ["console", "json"])
+def test_a_traceback_reaches_the_terminal_only_at_debug(
+    structlog_unconfigured: None, fmt: str, level: str, shown: bool
+) -> None:
+    """`lpengine run` renders an error event as one line; its traceback only with `--debug` (level debug)."""
+    stream = io.StringIO()
+    configure(fmt=fmt, level=level, stream=stream)
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError as error:
+        structlog.get_logger("lpengine").error("stage.internal_error", error=repr(error), exc_info=True)
+    text = stream.getvalue()
+    assert "stage.internal_error" in text and "a bug" in text
+    assert ("Traceback" in text) is shown, text
