@@ -73,6 +73,13 @@ def emulator_reset(base_url: str) -> None:
         pass
 
 
+def emulator_faults(base_url: str, faults: dict[str, object]) -> None:
+    root = base_url.removesuffix("/api/v1")
+    req = urllib.request.Request(f"{root}/_emulator/faults", data=json.dumps(faults).encode(), method="PUT")
+    with urllib.request.urlopen(req, timeout=10):
+        pass
+
+
 def batch(tmp_path: Path, base_url: str, n: int) -> Path:
     from lpengine.demo_assets import make_portraits
 
@@ -236,7 +243,14 @@ def test_two_concurrent_runs_exactly_one_proceeds(tmp_path: Path, slow_emulator_
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert first.stderr is not None
     next(line for line in first.stderr if "submit.accepted" in line)  # the first run holds the lock and works
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    # Its task queries fail until the second run is over, so it cannot finish first however slowly that one
+    # starts (on a loaded machine it used to, and the second run then found the lock free and the work done).
+    stall = {"rules": [{"match": "", "action": "error", "endpoint": "task", "code": "InternalError"}]}
+    emulator_faults(slow_emulator_url, stall)
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, check=False)
+    finally:
+        emulator_faults(slow_emulator_url, {})
     first.communicate(timeout=120)
     assert (first.returncode, second.returncode) == (0, 3)
     assert "another run of this batch is in progress" in second.stderr
