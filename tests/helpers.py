@@ -8,15 +8,18 @@ ROOT = Path(__file__).resolve().parents[1]
 VOICE = ROOT / "lpengine" / "assets" / "voice.wav"
 
 
-def write_batch(folder: Path, base_url: str, speedup: float, *, storage: str = "", **sections: str) -> Path:
-    """`folder/batch.yaml` reading `folder/photos`, against an emulator at `base_url` (fast retries, window 4).
+def write_batch(
+    folder: Path, base_url: str, speedup: float, *, storage: str = "", audio: Path | str = VOICE, **sections: str
+) -> Path:
+    """`folder/batch.yaml` reading `folder/photos` (and `audio`, the demo voice by default), against an emulator
+    at `base_url` (fast retries, window 4).
 
     `storage` is the body of the `storage:` block (indented lines); `sections` adds top-level `key: value` lines.
     """
     body = f"""
 inputs:
   images: photos
-audio: {VOICE}
+audio: {audio}
 api:
   base_url: {base_url}
   speedup: {speedup}

@@ -17,12 +17,11 @@ from lpengine.config import BatchConfig
 from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
 from lpengine.emulator.app import RunningEmulator
 from lpengine.emulator.media import FaceDetector, ImageInfo
+from tests.helpers import VOICE, write_batch
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "sk-test-edges-0123456789"
-VOICE = ROOT / "lpengine" / "assets" / "voice.wav"
 SPEEDUP = 500.0
 
 
@@ -40,33 +39,12 @@ async def emulator() -> AsyncIterator[RunningEmulator]:
         yield emu
 
 
-def make_config(
-    tmp_path: Path, images: list[Path], base_url: str, *, audio: Path = VOICE, extra: str = ""
-) -> BatchConfig:
-    photos = tmp_path / "photos"
-    photos.mkdir(exist_ok=True)
+def make_config(tmp_path: Path, images: list[Path], base_url: str, *, audio: Path | str = VOICE) -> BatchConfig:
+    (tmp_path / "photos").mkdir(exist_ok=True)
     for image in images:
-        shutil.copy(image, photos / image.name)
-    (tmp_path / "batch.yaml").write_text(
-        f"""
-inputs:
-  images: photos
-audio: {audio}
-api:
-  base_url: {base_url}
-  speedup: {SPEEDUP}
-  retry:
-    attempts: 4
-    initial_wait_s: 0
-    max_wait_s: 0
-storage:
-  backend: dashscope_temp
-output:
-  dir: out
-{extra}
-"""
-    )
-    return load_config(tmp_path / "batch.yaml")
+        shutil.copy(image, tmp_path / "photos" / image.name)
+    storage = "\n  backend: dashscope_temp"
+    return load_config(write_batch(tmp_path, base_url, SPEEDUP, storage=storage, audio=audio))
 
 
 async def run_batch(config: BatchConfig) -> RunReport:

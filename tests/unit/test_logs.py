@@ -24,6 +24,7 @@ def structlog_unconfigured() -> Iterator[None]:
     configured, saved = structlog.is_configured(), structlog.get_config()
     structlog.reset_defaults()
     yield
+    structlog.reset_defaults()  # whatever the test configured does not outlive it
     if configured:
         structlog.configure(**saved)
 
