@@ -410,3 +410,31 @@ def check(config: ConfigArg) -> None:
         if not c.ok and c.fix:
             typer.echo(f"  {'':<{width}}  → {c.fix}")
     raise typer.Exit(EXIT_OK if all(c.ok for c in results) else EXIT_FAILED)
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None, typer.Argument(help="Base batch YAML: API, storage, pricing and defaults for new batches.")
+    ] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Run every batch on the embedded emulator (no key).")] = False,
+    host: Annotated[str, typer.Option(help="Bind address; a non-loopback one needs LPENGINE_CONSOLE_TOKEN.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8710,
+    workspace: Annotated[Path, typer.Option(help="Folder holding the console's batches.")] = Path("lpengine-console"),
+) -> None:
+    """Serve the web console: upload photos and a voice track, watch batches, play and download the videos.
+
+    Examples: lpengine serve --demo · lpengine serve configs/batch.yaml --port 8710
+    """
+    from lpengine.web import ConsoleSettings, serve_forever
+
+    if config is None and not demo:
+        raise _fail(["give a base batch YAML (see configs/batch.yaml), or --demo for the emulator"], EXIT_CONFIG)
+    logs.configure(level="warning")
+    settings = ConsoleSettings(config=config, demo=demo, host=host, port=port, workspace=workspace)
+    try:
+        _run_async(lambda: serve_forever(settings))
+    except ConfigError as exc:
+        raise _fail(exc.problems, EXIT_CONFIG) from None
