@@ -40,6 +40,8 @@ __all__ = ["BATCH_ID", "STATES", "BatchManager", "EngineOpener"]
 
 BATCH_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
+"""`done`: the run ended with every item in a final state (some may have failed: see the counts); `failed`: the
+batch itself stopped (key refused, quota, config, another run holding it), with `error` saying why."""
 _COPIED_SECTIONS = ("api", "storage", "concurrency", "pricing", "limits", "logging")
 _LOG_TAIL_BYTES = 16 * 1024
 
@@ -251,7 +253,7 @@ class BatchManager:
             if (stop_as := self._stop_requested()) is not None:
                 state = stop_as
             elif report is not None and error is None:
-                state = "done" if report.ok else "failed"
+                state = "done"  # every item reached its final state; the counts say how many failed
             else:
                 state = "failed"
             self._scans.pop(bid, None)
@@ -324,7 +326,10 @@ class BatchManager:
             spent, known = scan.spent, len(scan.rows)
         total = max(int(meta.get("count") or 0), known, snapshot["total"] if snapshot else 0)
         finished = sum(final.values())
+        # What is left, at the estimate's price per item: a finished or stopped batch will not spend more.
         estimate = float((meta.get("estimate") or {}).get("cost_cny") or 0.0)
+        per_item = estimate / max(int(meta.get("count") or 0), 1)
+        open_ = meta["state"] in ("queued", "running", "paused")
         counts: dict[str, Any] = {
             "total": total,
             "finished": finished,
@@ -349,7 +354,7 @@ class BatchManager:
             "cost": {
                 "spent_cny": round(spent, 6),
                 "estimate_cny": estimate,
-                "projected_remaining_cny": round(max(estimate - spent, 0.0), 4),
+                "projected_remaining_cny": round(per_item * (total - finished), 4) if open_ else 0.0,
             },
             "service_queue": snapshot["stages"]["poll"]["active"] if snapshot else 0,
             "eta_s": eta,

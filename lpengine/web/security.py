@@ -59,9 +59,8 @@ class Guard:
             if request.path.startswith("/api/"):
                 return await handler(request)
             # First visit from the printed URL: keep the token in a cookie, not in the address bar or history.
-            response = web.HTTPSeeOther(
-                request.rel_url.with_query({k: v for k, v in request.query.items() if k != "token"})
-            )
+            rest = {k: v for k, v in request.query.items() if k != "token"}
+            response = web.Response(status=303, headers={"Location": str(request.rel_url.with_query(rest))})
             response.set_cookie(COOKIE, self.token, httponly=True, samesite="Strict", path="/")
             return response
         bearer = request.headers.get("Authorization", "")

@@ -155,6 +155,7 @@ function batchPage() {
     $("#remaining").textContent = s.cost.projected_remaining_cny.toFixed(3);
     $("#batch-error").textContent = s.error || "";
     const stages = $("#stages tbody");
+    $("#stages").hidden = !s.counts.stages;
     stages.replaceChildren();
     for (const [stage, c] of Object.entries(s.counts.stages || {})) {
       const tr = el("tr");

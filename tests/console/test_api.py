@@ -1,0 +1,272 @@
+"""The console's JSON API over real HTTP: every endpoint, the token and origin checks, and hostile uploads."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import pytest
+
+from lpengine.emulator import FaultSettings
+from lpengine.errors import ConfigError
+from lpengine.web import Console, ConsoleSettings, open_console
+from tests.console.conftest import PORTRAITS, TOKEN, VOICE, settings
+
+pytestmark = pytest.mark.anyio
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _root(console: Console) -> str:
+    return console.url.split("/?")[0]
+
+
+@pytest.fixture
+async def http(console: Console) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(_root(console), headers=AUTH) as session:
+        yield session
+
+
+def _form(images: list[tuple[str, bytes]], audio: bytes | None = None, **fields: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    for name, data in images:
+        form.add_field("images", data, filename=name, content_type="image/jpeg")
+    if audio is not None:
+        form.add_field("audio", audio, filename="voice.wav", content_type="audio/wav")
+    for key, value in fields.items():
+        form.add_field(key, value)
+    return form
+
+
+class _Raw:
+    """A multipart body written by hand: aiohttp's own FormData would percent-encode a hostile file name."""
+
+    def __init__(self, parts: list[tuple[str, str, bytes]]) -> None:
+        self.boundary = "lpengine-test-boundary"
+        chunks = []
+        for field, name, data in parts:
+            chunks.append(
+                f'--{self.boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n".encode()
+                + data
+                + b"\r\n"
+            )
+        self.body = b"".join(chunks) + f"--{self.boundary}--\r\n".encode()
+
+
+def _raw_multipart(images: list[tuple[str, bytes]], audio: bytes) -> Any:
+    raw = _Raw([*(("images", n, d) for n, d in images), ("audio", "voice.wav", audio)])
+    return aiohttp.BytesPayload(raw.body, content_type=f"multipart/form-data; boundary={raw.boundary}")
+
+
+def _photos(n: int = 2) -> list[tuple[str, bytes]]:
+    return [(p.name, p.read_bytes()) for p in PORTRAITS[:n]]
+
+
+async def _until(console: Console, bid: str, states: set[str]) -> dict[str, Any]:
+    """Wait on the manager's change notifications (no sleeps) until the batch is in one of `states`."""
+    with anyio.fail_after(60):
+        while True:
+            summary = await console.manager.summary(bid, items=False)
+            if summary["state"] in states:
+                return summary
+            await console.manager.wait_changed(5)
+
+
+async def _create(http: aiohttp.ClientSession, n: int = 2, **fields: str) -> str:
+    async with http.post("/api/batches", data=_form(_photos(n), VOICE.read_bytes(), **fields)) as rsp:
+        body = await rsp.json()
+        assert rsp.status == 201, body
+        return str(body["id"])
+
+
+async def test_batch_lifecycle_endpoints(console: Console, http: aiohttp.ClientSession) -> None:
+    bid = await _create(http, preset="calm", params=json.dumps({"eye_move_freq": 0.2}))
+    await _until(console, bid, {"done"})
+
+    async with http.get("/api/batches") as rsp:
+        listed = await rsp.json()
+    assert [b["id"] for b in listed["batches"]] == [bid]
+
+    async with http.get(f"/api/batches/{bid}") as rsp:
+        one = await rsp.json()
+    assert {"id", "state", "counts", "cost", "items"} <= one.keys()
+    assert one["state"] == "done" and one["counts"]["succeeded"] == 2
+    assert one["params"]["template_id"] == "calm" and one["params"]["eye_move_freq"] == 0.2
+    assert one["cost"]["spent_cny"] > 0
+    for item in one["items"]:
+        assert {"name", "status", "error", "video_url", "verdict", "flags"} <= item.keys()
+        assert item["status"] == "succeeded"
+
+    url = one["items"][0]["video_url"]
+    async with http.get(url) as rsp:
+        data = await rsp.read()
+        assert rsp.status == 200 and rsp.content_type == "video/mp4"
+    assert data[4:8] == b"ftyp"
+    async with http.get(url, headers={"Range": "bytes=0-99"}) as rsp:  # seeking in <video> needs ranges
+        assert rsp.status == 206 and len(await rsp.read()) == 100
+
+    async with http.get(f"/api/batches/{bid}/videos.zip") as rsp:
+        archive = zipfile.ZipFile(io.BytesIO(await rsp.read()))
+    assert sorted(archive.namelist()) == sorted(i["video_url"].rsplit("/", 1)[1] for i in one["items"])
+    assert archive.testzip() is None
+
+    async with http.get(f"/api/batches/{bid}/events") as rsp:
+        assert rsp.content_type == "text/event-stream"
+        line = b""
+        while not line.startswith(b"data:"):
+            line = await rsp.content.readline()
+    assert json.loads(line[5:])["summary"]["state"] == "done"
+
+    async with http.post(f"/api/batches/{bid}/retry") as rsp:  # a finished batch re-runs and pays nothing
+        assert rsp.status == 200
+    done = await _until(console, bid, {"done"})
+    assert done["cost"]["spent_cny"] == one["cost"]["spent_cny"]
+    assert console.emulator is not None
+    assert all(n == 1 for n in console.emulator.stats().submissions_per_image.values())  # type: ignore[attr-defined]
+
+
+async def test_cancel_mid_run(console: Console, http: aiohttp.ClientSession) -> None:
+    emulator: Any = console.emulator
+    emulator.set_faults(FaultSettings(latency_s=60))  # every API call now hangs: the batch is held mid-run
+    bid = await _create(http, n=3)
+    await _until(console, bid, {"running"})
+    async with http.post(f"/api/batches/{bid}/cancel") as rsp:
+        assert rsp.status == 200
+    emulator.set_faults(FaultSettings())
+    cancelled = await _until(console, bid, {"cancelled"})
+    assert cancelled["counts"]["succeeded"] == 0
+    assert emulator.stats().tasks_by_status.get("SUCCEEDED", 0) == 0
+
+
+async def test_unknown_batch_and_escaping_video_names(console: Console, http: aiohttp.ClientSession) -> None:
+    async with http.get("/api/batches/nope") as rsp:
+        assert rsp.status == 404
+    async with http.post("/api/batches/../../etc/cancel") as rsp:
+        assert rsp.status == 404
+    bid = await _create(http, n=1)
+    await _until(console, bid, {"done"})
+    for name in ("..%2Fbatch.yaml", "..%2F..%2Fconsole.json", "%2Fetc%2Fpasswd", "batch.yaml", "x.mp4"):
+        async with http.get(f"/api/batches/{bid}/videos/{name}") as rsp:
+            assert rsp.status == 404, name
+
+
+async def test_token_required(console: Console) -> None:
+    root = _root(console)
+    async with aiohttp.ClientSession(root) as anon:
+        for path in ("/", "/batches", "/api/batches", "/static/console.js"):
+            async with anon.get(path) as rsp:
+                assert rsp.status == 401, path
+        async with anon.get("/api/batches", headers={"Authorization": "Bearer wrong"}) as rsp:
+            assert rsp.status == 401
+        async with anon.post("/api/batches", data=_form(_photos(1), VOICE.read_bytes())) as rsp:
+            assert rsp.status == 401
+    assert not any((console.manager.workspace).glob("2*"))
+
+
+async def test_first_visit_sets_a_strict_httponly_cookie(console: Console) -> None:
+    jar = aiohttp.CookieJar(unsafe=True)  # the console's address is an IP, which the default jar refuses
+    async with aiohttp.ClientSession(_root(console), cookie_jar=jar) as browser:
+        async with browser.get(f"/?token={TOKEN}", allow_redirects=False) as rsp:
+            assert rsp.status == 303 and rsp.headers["Location"] == "/"
+            cookie = rsp.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        async with browser.get("/batches") as rsp:  # the cookie now opens every page
+            assert rsp.status == 200
+        async with browser.get(f"/?token={TOKEN}x", allow_redirects=False) as rsp:
+            assert rsp.status != 303
+
+
+async def test_cross_site_post_refused(console: Console) -> None:
+    root = _root(console)
+    async with aiohttp.ClientSession(root, cookies={"lpengine_console": TOKEN}) as browser:
+        form = _form(_photos(1), VOICE.read_bytes())
+        async with browser.post("/api/batches", data=form, headers={"Origin": "http://evil.example"}) as rsp:
+            assert rsp.status == 403
+        async with browser.post("/api/batches", data=_form(_photos(1), VOICE.read_bytes())) as rsp:
+            assert rsp.status == 403  # no Origin at all: not provably same-site
+        same_site = {"Origin": root}
+        async with browser.post("/api/batches", data=_form(_photos(1), VOICE.read_bytes()), headers=same_site) as rsp:
+            assert rsp.status == 201
+
+
+async def test_dns_rebinding_host_refused(console: Console) -> None:
+    async with aiohttp.ClientSession(_root(console), headers=AUTH) as http:
+        async with http.get("/api/batches", headers={"Host": "attacker.example:8710"}) as rsp:
+            assert rsp.status == 403
+        async with http.get("/api/batches", headers={"Host": "localhost"}) as rsp:
+            assert rsp.status == 200
+
+
+async def test_non_loopback_needs_an_explicit_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LPENGINE_CONSOLE_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="LPENGINE_CONSOLE_TOKEN"):
+        async with open_console(ConsoleSettings(demo=True, host="0.0.0.0", port=0, workspace=tmp_path)):
+            pass
+
+
+async def test_env_token_fixes_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LPENGINE_CONSOLE_TOKEN", "from-the-environment-123456")
+    async with open_console(settings(tmp_path, token=None)) as console:
+        assert console.url.endswith("?token=from-the-environment-123456")
+
+
+async def test_hostile_uploads(console: Console, http: aiohttp.ClientSession) -> None:
+    good = _photos(1)
+    big = b"\xff\xd8\xff\xe0" + b"\0" * (12 * 1024 * 1024)
+    hostile = [*good, ("big.jpg", big), ("notes.jpg", b"just some text, not a photo\n")]
+    hostile += [("../../escape.jpg", good[0][1]), ("sub/escape.jpg", good[0][1])]
+    async with http.post("/api/batches", data=_raw_multipart(hostile, VOICE.read_bytes())) as rsp:
+        body = await rsp.json()
+        assert rsp.status == 400
+    problems = {f["name"]: f["problem"] for f in body["files"]}
+    assert set(problems) == {"big.jpg", "notes.jpg", "../../escape.jpg", "sub/escape.jpg"}
+    assert "too large" in problems["big.jpg"]
+    assert "not an image" in problems["notes.jpg"]
+    assert all("file name" in problems[n] for n in ("../../escape.jpg", "sub/escape.jpg"))
+    assert body["error"]
+    ws = console.manager.workspace
+    assert not list(ws.parent.rglob("escape.jpg"))
+    assert not [p for p in ws.glob("*") if p.name != ".incoming"] and not any((ws / ".incoming").iterdir())
+
+    many = [(f"p{i:04}.jpg", b"x") for i in range(1000)]
+    async with http.post("/api/batches", data=_form(many, VOICE.read_bytes())) as rsp:
+        body = await rsp.json()
+        assert rsp.status == 400
+    assert "too many photos" in body["error"]
+
+    async with http.post("/api/batches", data=_form(good, VOICE.read_bytes(), params='{"video_fps": 60}')) as rsp:
+        body = await rsp.json()
+        assert rsp.status == 400 and "video_fps" in body["error"]
+    async with http.post("/api/batches", data=_form(good, None)) as rsp:
+        body = await rsp.json()
+        assert rsp.status == 400 and any(f["name"] == "audio" for f in body["files"])
+    assert console.emulator is not None
+    assert sum(console.emulator.stats().requests.values()) == 0  # type: ignore[attr-defined]  # nothing paid
+
+
+async def test_estimate_lists_problems_and_cost(http: aiohttp.ClientSession) -> None:
+    files = [*_photos(2), ("broken.jpg", PORTRAITS[0].read_bytes()[:2000])]
+    async with http.post("/api/estimate", data=_form(files, VOICE.read_bytes())) as rsp:
+        body = await rsp.json()
+        assert rsp.status == 200
+    assert [f["name"] for f in body["files"]] == ["broken.jpg"]
+    estimate = body["estimate"]
+    assert estimate["images"] == 2 and estimate["calls"] == 4
+    assert estimate["video_seconds"] > 0 and estimate["cost_cny"] > 0
+
+
+async def test_pages_never_show_the_api_key(console: Console, http: aiohttp.ClientSession) -> None:
+    bid = await _create(http, n=1)
+    await _until(console, bid, {"done"})
+    key = "sk-emulator-"
+    for path in ("/", "/batches", f"/batches/{bid}", f"/batches/{bid}/gallery", "/api/batches", f"/api/batches/{bid}"):
+        async with http.get(path) as rsp:
+            assert rsp.status == 200, path
+            assert key not in await rsp.text(), path

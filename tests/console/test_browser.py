@@ -1,0 +1,95 @@
+"""The console in a real Chromium: the whole flow a person follows, and the screenshots in docs/console.md."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+from typing import Any
+
+from playwright.sync_api import Page, expect
+
+from lpengine.emulator import FaultSettings
+from lpengine.web import Console
+from tests.console.conftest import ASSETS, PORTRAITS, VOICE
+
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+TIMEOUT_MS = 60_000
+
+
+def _drop_voice_track(page: Page) -> None:
+    """Drag and drop, as a person does it: a `drop` event carrying the file, on the drop zone."""
+    page.evaluate(
+        """([name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "audio/wav" }));
+            const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true });
+            document.querySelector("#drop").dispatchEvent(drop);
+        }""",
+        [VOICE.name, base64.b64encode(VOICE.read_bytes()).decode()],
+    )
+
+
+def _shot(page: Page, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, tmp_path: Path) -> None:
+    console: Any = threaded_console
+    page.set_default_timeout(TIMEOUT_MS)
+    page.set_viewport_size({"width": 1200, "height": 900})
+    page.goto(console.url)
+    expect(page).to_have_url(re.compile(r"/$"))  # the token moved into the cookie
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(PORTRAITS[0].read_bytes()[:3000])
+    page.set_input_files("#images", [str(PORTRAITS[0]), str(ASSETS / "portraits" / "noface-coffee.jpg"), str(broken)])
+    _drop_voice_track(page)
+    expect(page.locator("#files li.bad")).to_have_count(1)
+    expect(page.locator("#files li.bad")).to_contain_text("broken.jpg")
+    expect(page.locator("#estimate")).to_contain_text("2 photo(s)")
+    expect(page.locator("#estimate")).to_contain_text("CNY")
+    expect(page.locator("#start")).to_be_enabled()
+    page.select_option("#preset", "calm")
+    expect(page.locator("#start")).to_be_enabled()
+    _shot(page, "new-batch")
+
+    page.click("#start")
+    expect(page).to_have_url(re.compile(r"/batches/\d{8}-\d{6}-[0-9a-f]{6}$"))
+    first = page.url
+    expect(page.locator("#state")).to_have_text("done")  # pushed by the event stream, no reload
+    expect(page.locator("#done")).to_have_text("1")
+    expect(page.locator("#failed")).to_have_text("1")
+    expect(page.locator("#items tbody tr")).to_have_count(2)
+    expect(page.locator("#items")).to_contain_text("detect_failed")
+    _shot(page, "batch")
+
+    page.goto(first + "/gallery")
+    video = page.locator("video")
+    expect(video).to_have_count(1)
+    page.evaluate("() => { const v = document.querySelector('video'); v.muted = true; return v.play(); }")
+    page.wait_for_function("() => document.querySelector('video').readyState >= 2")
+    _shot(page, "gallery")
+    page.click("#needs-review")
+    expect(page.locator("#matching")).to_have_text("1 item(s)")
+    expect(page.locator("figure.card")).to_have_attribute("data-status", "detect_failed")
+
+    # A second batch, held mid-run by the emulator (every call hangs), then cancelled from its page.
+    console.portal.call(console.emulator.set_faults, FaultSettings(latency_s=120))
+    page.goto(console.url.split("/?")[0] + "/")
+    page.set_input_files("#images", [str(p) for p in PORTRAITS[1:3]])
+    _drop_voice_track(page)
+    expect(page.locator("#start")).to_be_enabled()
+    page.click("#start")
+    expect(page).to_have_url(re.compile(r"/batches/\d{8}-\d{6}-[0-9a-f]{6}$"))
+    expect(page.locator("#state")).to_have_text("running")
+    page.click("button[data-action=cancel]")
+    console.portal.call(console.emulator.set_faults, FaultSettings())
+    expect(page.locator("#state")).to_have_text("cancelled")
+    assert console.emulator.stats().tasks_by_status.get("SUCCEEDED", 0) == 1
+
+    page.goto(console.url.split("/?")[0] + "/batches")
+    expect(page.locator("#batches tbody tr")).to_have_count(2)
+    _shot(page, "batches")
