@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from anyio.from_thread import start_blocking_portal
+from playwright.sync_api import Page, sync_playwright
 
 from lpengine.web import Console, ConsoleSettings, open_console
 
@@ -39,23 +40,30 @@ def threaded_console(tmp_path: Path) -> Iterator[Console]:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, object]) -> dict[str, object]:
-    """The system Chromium: browsers cannot be downloaded here (`.ci/run` installs Debian's)."""
+@pytest.fixture
+def page() -> Iterator[Page]:
+    """A page in the system Chromium (browsers cannot be downloaded here; `.ci/run` installs Debian's).
+
+    Playwright is started and stopped around each test, not once per session as pytest-playwright's fixtures do:
+    its synchronous API keeps an event loop running in the main thread while it is open, and every anyio test
+    after it would then fail to start its own.
+    """
     if not CHROMIUM.exists():
         pytest.skip("chromium not installed: apt-get install chromium")
-    return {
-        **browser_type_launch_args,
-        "executable_path": str(CHROMIUM),
-        "args": [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ],
-    }
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
