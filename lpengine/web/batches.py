@@ -84,6 +84,11 @@ class BatchManager:
         self._stop_as: str | None = None
         self._live: _Live | None = None
         self._scans: dict[str, _Scan] = {}
+        # Per-batch caches: an SSE tick must not parse YAML, JSON or list a folder of 10 000 videos, ten times over.
+        self._metas: dict[str, dict[str, Any]] = {}
+        self._configs: dict[str, BatchConfig] = {}
+        self._logs: dict[str, tuple[Path, int, list[str]]] = {}
+        self._live_summary: tuple[tuple[str, int, str], dict[str, Any]] | None = None
         base = load_config(base_config)
         self.pricing = base.pricing
         self.video_defaults = base.video
@@ -99,13 +104,17 @@ class BatchManager:
         return path
 
     def meta(self, bid: str) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.folder(bid) / "console.json").read_text(encoding="utf-8"))
+        """The batch's console record; only this process writes it, so it is read from disk once."""
+        if (data := self._metas.get(bid)) is None:
+            data = json.loads((self.folder(bid) / "console.json").read_text(encoding="utf-8"))
+            self._metas[bid] = data
         return data
 
     def _save_meta(self, bid: str, **changes: Any) -> None:
         path = self.workspace / bid / "console.json"
         data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         data.update(changes)
+        self._metas[bid] = data
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
         os.replace(tmp, path)
@@ -118,7 +127,9 @@ class BatchManager:
         return sorted(found, reverse=True)
 
     def config(self, bid: str) -> BatchConfig:
-        return load_config(self.folder(bid) / "batch.yaml")
+        if (cfg := self._configs.get(bid)) is None:
+            cfg = self._configs[bid] = load_config(self.folder(bid) / "batch.yaml")
+        return cfg
 
     def _notify(self) -> None:
         self._changed.set()
@@ -229,6 +240,8 @@ class BatchManager:
 
     async def _run(self, bid: str) -> None:
         self._running, self._stop_as, self._live = bid, None, _Live()
+        self._configs.pop(bid, None)  # batch.yaml may have been edited for this run
+        self._logs.pop(bid, None)  # each run starts a new log file
         self._save_meta(bid, state="running", started=time.time(), error=None)
         report: RunReport | None = None
         error: str | None = None
@@ -292,13 +305,14 @@ class BatchManager:
                     by_state[status] = by_state.get(status, 0) + 1
                     spent += result.cost_cny
                     video = result.output if result.state is ItemState.SUCCEEDED else None
+                    # os.path, not Path: building 10 000 Path objects was most of a cold 10k-item page
                     rows.append(
                         {
-                            "name": row.output_name or Path(result.input).stem,
+                            "name": row.output_name or os.path.basename(result.input),
                             "status": status,
                             "stage": row.stage,
                             "error": _plain(result.reason, result.input) if status != "succeeded" else "",
-                            "video_url": f"/api/batches/{bid}/videos/{Path(video).name}" if video else None,
+                            "video_url": f"/api/batches/{bid}/videos/{os.path.basename(video)}" if video else None,
                             "verdict": data.get("verdict"),
                             "flags": list(data.get("flags") or []),
                             "score": data.get("score"),
@@ -315,6 +329,9 @@ class BatchManager:
         """The batch as the API and pages show it; `items` paginated (a 10 000-item batch answers one page)."""
         meta = self.meta(bid)
         live = self._live if bid == self._running else None
+        memo_key = (bid, live.version, meta["state"]) if live is not None and not items else None
+        if memo_key is not None and self._live_summary is not None and self._live_summary[0] == memo_key:
+            return self._live_summary[1]  # every listener of a tick gets the one summary
         snapshot = live.progress.snapshot() if live is not None else None
         scan: _Scan | None = None
         if snapshot is not None and not items:
@@ -360,6 +377,8 @@ class BatchManager:
             "eta_s": eta,
             "version": [live.version if live else 0, finished, meta["state"]],
         }
+        if memo_key is not None:
+            self._live_summary = (memo_key, out)
         if scan is not None and items:
             rows = [r for r in scan.rows if _needs_review(r)] if needs_review else scan.rows
             pages = max(1, math.ceil(len(rows) / per_page))
@@ -368,13 +387,32 @@ class BatchManager:
         return out
 
     def log_tail(self, bid: str, lines: int = 30) -> list[str]:
-        """The last lines of the newest JSONL log, as short text (already redacted by the engine's log)."""
-        out_dir = self.config(bid).output_dir
-        logs = sorted(out_dir.glob("lpengine-*.jsonl")) if out_dir.is_dir() else []
-        if not logs:
+        """The last lines of the newest JSONL log, as short text (already redacted by the engine's log).
+
+        The log's name is looked up once per run (the output folder may hold thousands of videos), and its tail
+        is read again only when the file grew."""
+        cached = self._logs.get(bid)
+        if cached is None:
+            out_dir = self.config(bid).output_dir
+            logs = sorted(out_dir.glob("lpengine-*.jsonl")) if out_dir.is_dir() else []
+            if not logs:
+                return []
+            cached = (logs[-1], -1, [])
+        path, seen, shown = cached
+        try:
+            size = path.stat().st_size
+        except OSError:
+            self._logs.pop(bid, None)
             return []
-        with logs[-1].open("rb") as fh:
-            fh.seek(max(0, logs[-1].stat().st_size - _LOG_TAIL_BYTES))
+        if size != seen:
+            shown = self._read_tail(path, size)
+            self._logs[bid] = (path, size, shown)
+        return shown[-lines:]
+
+    @staticmethod
+    def _read_tail(path: Path, size: int, lines: int = 30) -> list[str]:
+        with path.open("rb") as fh:
+            fh.seek(max(0, size - _LOG_TAIL_BYTES))
             raw = fh.read().splitlines()[-lines:]
         shown = []
         for line in raw:
@@ -408,4 +446,4 @@ def _needs_review(row: dict[str, Any]) -> bool:
 
 def _plain(reason: str, image: str) -> str:
     """The reason with the image's full path shortened to its name (the page already says which batch)."""
-    return reason.replace(image, Path(image).name) if image else reason
+    return reason.replace(image, os.path.basename(image)) if image else reason

@@ -22,8 +22,8 @@ from lpengine.web.uploads import MAX_IMAGES, FileProblem, Intake, UploadRefused,
 __all__ = ["MANAGER", "SSE_INTERVAL_S", "routes"]
 
 MANAGER = web.AppKey("manager", BatchManager)
-SSE_INTERVAL_S = 0.5
-"""How often a live stream looks for news: the counters are read twice a second whatever the item rate, so the
+SSE_INTERVAL_S = 1.0
+"""How often a live stream looks for news: the counters are read once a second whatever the item rate, so the
 console's cost does not grow with the batch's speed or the number of listeners' items."""
 PRESETS: dict[str, dict[str, Any]] = {
     "normal": {"template_id": "normal"},

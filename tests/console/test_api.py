@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -270,3 +271,19 @@ async def test_pages_never_show_the_api_key(console: Console, http: aiohttp.Clie
         async with http.get(path) as rsp:
             assert rsp.status == 200, path
             assert key not in await rsp.text(), path
+
+
+async def test_console_batch_is_an_ordinary_batch_for_the_cli(console: Console, http: aiohttp.ClientSession) -> None:
+    """`lpengine run` on the batch.yaml the console wrote resumes it: here, finished, so it pays nothing again."""
+    bid = await _create(http, n=2)
+    await _until(console, bid, {"done"})
+    config = console.manager.workspace / bid / "batch.yaml"
+    result = await anyio.run_process(
+        [sys.executable, "-m", "lpengine", "run", str(config), "--log-format", "json"], check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout.decode().splitlines()[-1])
+    assert summary["counts"] == {"succeeded": 2}
+    assert summary["api_requests"].get("detect", 0) == summary["api_requests"].get("submit", 0) == 0
+    async with http.get(f"/api/batches/{bid}") as rsp:
+        assert (await rsp.json())["counts"]["succeeded"] == 2
