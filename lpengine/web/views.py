@@ -158,27 +158,31 @@ def _missing_audio() -> FileProblem:
     return FileProblem("audio", "no voice track: add a WAV or MP3 file (1 s to 3 min, below 15 MB)")
 
 
-def _refusal(exc: UploadRefused) -> web.Response:
-    return _json({"error": exc.message, "files": [p.to_dict() for p in exc.problems]}, status=400)
+async def _checked_upload(request: web.Request) -> tuple[Intake, VideoParams, dict[str, Any]] | web.Response:
+    """The checked upload, or the 400 answer that refuses it as a whole."""
+    try:
+        return await _intake(request)
+    except UploadRefused as exc:
+        return _json({"error": exc.message, "files": [p.to_dict() for p in exc.problems]}, status=400)
 
 
 @routes.post("/api/estimate")
 async def api_estimate(request: web.Request) -> web.Response:
     """The local checks and the dry-run estimate of an upload; nothing is kept, started or paid."""
-    try:
-        intake, _params, estimate = await _intake(request)
-    except UploadRefused as exc:
-        return _refusal(exc)
+    got = await _checked_upload(request)
+    if isinstance(got, web.Response):
+        return got
+    intake, _params, estimate = got
     intake.discard()
     return _json({"files": [p.to_dict() for p in intake.problems], "estimate": estimate})
 
 
 @routes.post("/api/batches")
 async def api_create(request: web.Request) -> web.Response:
-    try:
-        intake, params, estimate = await _intake(request)
-    except UploadRefused as exc:
-        return _refusal(exc)
+    got = await _checked_upload(request)
+    if isinstance(got, web.Response):
+        return got
+    intake, params, estimate = got
     if intake.problems:
         intake.discard()
         return _json(
