@@ -24,6 +24,7 @@ from lpengine.config import BatchConfig, load_config
 from lpengine.engine import DryRunReport, Engine
 from lpengine.errors import AuthError, BatchLockedError, ConfigError, LPEngineError, QuotaError, StorageError
 from lpengine.models import ItemState, RunReport
+from lpengine.preset_commands import app as presets_app
 from lpengine.progress import JsonProgress, ProgressState, TtyProgress
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -38,12 +39,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+app.add_typer(presets_app, name="presets")
+
 T = TypeVar("T")
 
 ConfigArg = Annotated[Path, typer.Argument(help="Batch YAML file (see configs/batch.yaml).")]
 LogFormat = Annotated[str | None, typer.Option("--log-format", help="stderr log format: console or json.")]
 LogLevel = Annotated[str | None, typer.Option("--log-level", help="debug, info, warning, error.")]
 OutputOpt = Annotated[Path | None, typer.Option("--output", help="Override output.dir.")]
+PresetsOpt = Annotated[
+    Path | None, typer.Option("--presets", help="A folder of preset files; default: presets/ beside the config.")
+]
 
 
 def _fail(lines: list[str], code: int) -> typer.Exit:
@@ -52,10 +58,12 @@ def _fail(lines: list[str], code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _load(path: Path, output: Path | None = None) -> BatchConfig:
+def _load(path: Path, output: Path | None = None, presets: Path | None = None) -> BatchConfig:
     overrides: dict[str, Any] = {}
     if output is not None:
         overrides["output.dir"] = str(output.absolute())
+    if presets is not None:
+        overrides["presets_dir"] = str(presets.absolute())
     try:
         return load_config(path, overrides=overrides)
     except ConfigError as exc:
@@ -155,6 +163,7 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check locally, estimate cost, send nothing.")] = False,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="Process at most N items.")] = None,
     output: OutputOpt = None,
+    presets: PresetsOpt = None,
     log_format: LogFormat = None,
     log_level: LogLevel = None,
     debug: Annotated[
@@ -171,7 +180,7 @@ def run(
 
     Examples: lpengine run configs/batch.yaml --dry-run · lpengine run configs/batch.yaml --limit 10
     """
-    cfg = _load(config, output)
+    cfg = _load(config, output, presets)
     log_format, log_level = _setup_logging(log_format, "debug" if debug else log_level, cfg)
     if dry_run:
         raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))

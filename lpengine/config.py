@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from dotenv import dotenv_values
@@ -31,6 +32,7 @@ __all__ = [
     "LimitsConfig",
     "LoggingConfig",
     "OutputConfig",
+    "PresetSpec",
     "PricingConfig",
     "RateLimitConfig",
     "RetryConfig",
@@ -70,14 +72,43 @@ class VideoOverrides(_Model):
     """Per-item overrides from a manifest row: any subset of `VideoParams`, same ranges."""
 
     template_id: Literal["normal", "calm", "active"] | None = None
+    """As `video.template_id`: normal = medium head motion, calm = small (news reading), active = large (singing)."""
     eye_move_freq: Annotated[float, Field(ge=0, le=1)] | None = None
+    """As `video.eye_move_freq`."""
     video_fps: Annotated[int, Field(ge=15, le=30)] | None = None
+    """As `video.video_fps`."""
     mouth_move_strength: Annotated[float, Field(ge=0, le=1.5)] | None = None
+    """As `video.mouth_move_strength`."""
     paste_back: bool | None = None
+    """As `video.paste_back`."""
     head_move_strength: Annotated[float, Field(ge=0, le=1)] | None = None
+    """As `video.head_move_strength`."""
 
     def apply(self, base: VideoParams) -> VideoParams:
         return base.model_copy(update=self.model_dump(exclude_none=True))
+
+
+class PresetSpec(VideoOverrides):
+    """A named look: any subset of the video parameters, a purpose, and optionally another preset it builds on
+    (docs/presets.md). Ranges are those of `video:`; the values a preset leaves out come from what it extends, then
+    from the defaults."""
+
+    description: str = ""
+    """What the look is for, shown by `lpengine presets list`."""
+    extends: str | None = None
+    """Another preset whose values this one starts from (its own values win)."""
+
+
+class PresetContext(_Model):
+    """What `load_config` resolved from the presets, kept for the plan (a manifest row may name a preset) and for
+    each item's recorded recipe. Not written in YAML."""
+
+    values: dict[str, dict[str, Any]] = {}
+    """Every known preset by name: the values its `extends` chain sets (defaults not included)."""
+    batch_preset: str | None = None
+    """The preset named in `video: {preset: …}`."""
+    batch_overrides: dict[str, Any] = {}
+    """The keys written beside it in `video:`, which win over the preset's."""
 
 
 class InputsConfig(_Model):
@@ -289,6 +320,11 @@ class BatchConfig(_Model):
     audio: str | None = None
     """Default audio for every item (wav/mp3, 1–180 s, < 15 MB): a path relative to the config, or an http(s) URL."""
     video: VideoParams = VideoParams()
+    """Also takes `preset: NAME`: that preset's values, under the keys written beside it (docs/presets.md)."""
+    presets: dict[str, PresetSpec] = {}
+    """Presets of this batch, by name; they override presets of the same name from every other source."""
+    presets_dir: Path | None = None
+    """A folder of preset files (`NAME.yaml`), relative to the config; default: `presets/` beside it, if present."""
     api: ApiConfig = ApiConfig()
     storage: StorageConfig = DashScopeTempStorageConfig()
     """Where the service fetches inputs from; DashScope's temporary storage needs no setup."""
@@ -300,6 +336,8 @@ class BatchConfig(_Model):
     limits: LimitsConfig = LimitsConfig()
     base_dir: Path = Path(".")
     """Folder that relative paths are resolved against (set by `load_config` to the config file's folder)."""
+    preset_context: PresetContext = PresetContext()
+    """Set by `load_config` from the presets (`PresetContext`)."""
 
     def resolve(self, p: Path | str) -> Path:
         path = Path(p).expanduser()
@@ -391,10 +429,14 @@ def _interpolate(node: Any, env: dict[str, str], path: str, problems: list[str],
     return node
 
 
-def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+def _model_at(loc: tuple[int | str, ...], root: type[BaseModel] = BatchConfig) -> type[BaseModel] | None:
     """The model class that owns the field at `loc`, to list allowed keys for an unknown one."""
-    model: type[BaseModel] | None = BatchConfig
+    model: type[BaseModel] | None = root
+    keyed = False  # the next part of `loc` is a key of a mapping of models (`presets.<name>`)
     for part in loc[:-1]:
+        if keyed:
+            keyed = False
+            continue
         if model is None:
             return None
         field = model.model_fields.get(str(part))
@@ -409,6 +451,7 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
             model = candidates.get(str(part))
             continue
         ann = field.annotation
+        keyed = get_origin(ann) is dict
         model = None
         for candidate in getattr(ann, "__args__", (ann,)):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
@@ -416,31 +459,53 @@ def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
     return model
 
 
-def format_validation_error(err: ValidationError, file: str) -> list[str]:
-    """One line per problem: file, dotted field path, what is wrong, what is allowed."""
-    lines = []
+_INTERNAL_FIELDS = {"base_dir", "preset_context"}
+
+
+def unknown_key(key: str, allowed: Iterable[str]) -> str:
+    """The message for a key no model knows: the closest allowed one, then all of them."""
+    names = sorted(allowed)
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return f"unknown key; {hint}allowed keys: {', '.join(names)}"
+
+
+def format_validation_error(
+    err: ValidationError,
+    file: str,
+    *,
+    root: type[BaseModel] = BatchConfig,
+    prefix: tuple[str, ...] = (),
+    lines: Mapping[tuple[str, ...], int] | None = None,
+) -> list[str]:
+    """One line per problem: file (and line, when `lines` maps key paths to them), dotted field path, what is
+    wrong, what is allowed. `root` is the model validated, `prefix` the path of its data inside the file."""
+    out = []
     for e in err.errors():
         loc = tuple(e["loc"])
-        dotted = ".".join(str(p) for p in loc if p not in ("fileserver", "s3", "dashscope_temp", "url"))
-        dotted = dotted or "(top level)"
+        path = (*prefix, *(str(p) for p in loc if p not in ("fileserver", "s3", "dashscope_temp", "url")))
+        dotted = ".".join(path) or "(top level)"
+        where = file
+        for n in range(len(path), 0, -1):
+            if lines and path[:n] in lines:
+                where = f"{file}:{lines[path[:n]]}"
+                break
         if e["type"] == "extra_forbidden":
-            owner = _model_at(loc)
-            allowed = sorted(k for k in (owner.model_fields if owner else {}) if k != "base_dir")
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f"did you mean `{close[0]}`? " if close else ""
-            lines.append(f"{file}: {dotted}: unknown key; {hint}allowed keys: {', '.join(allowed)}")
+            owner = _model_at(loc, root)
+            allowed = (k for k in (owner.model_fields if owner else {}) if k not in _INTERNAL_FIELDS)
+            out.append(f"{where}: {dotted}: {unknown_key(str(loc[-1]), allowed)}")
         elif e["type"] == "missing":
-            lines.append(f"{file}: {dotted}: required field is missing")
+            out.append(f"{where}: {dotted}: required field is missing")
         elif e["type"] == "union_tag_invalid":
-            lines.append(f"{file}: {dotted}: unknown storage backend; allowed: fileserver, s3, dashscope_temp, url")
+            out.append(f"{where}: {dotted}: unknown storage backend; allowed: fileserver, s3, dashscope_temp, url")
         else:
             msg = e["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
             got = e.get("input")
             shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
-            lines.append(f"{file}: {dotted}: {msg}{shown}")
-    return lines
+            out.append(f"{where}: {dotted}: {msg}{shown}")
+    return out
 
 
 def load_config(path: Path | str, *, overrides: dict[str, Any] | None = None) -> BatchConfig:
@@ -473,11 +538,14 @@ def load_config(path: Path | str, *, overrides: dict[str, Any] | None = None) ->
     if _too_big(raw):
         raise ConfigError([f"{file}: expands to more than {_MAX_NODES:,} values (YAML aliases?); simplify the file"])
     data = _interpolate(raw, _environment(base_dir), "", problems, file)
-    if "base_dir" in data:
-        problems.append(f"{file}: base_dir: unknown key; it is set from the config file's location")
-        data.pop("base_dir")
+    for internal in sorted(_INTERNAL_FIELDS & set(data)):
+        problems.append(f"{file}: {internal}: unknown key; it is set by lpengine, not written in the file")
+        data.pop(internal)
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
+    from lpengine.presets import apply_presets  # the presets module builds on this one
+
+    apply_presets(data, file=file, text=text, base_dir=base_dir, problems=problems)
     try:
         config = BatchConfig.model_validate({**data, "base_dir": base_dir})
     except ValidationError as exc:

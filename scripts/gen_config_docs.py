@@ -33,8 +33,9 @@ from pydantic_core import PydanticUndefined
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "docs" / "configuration.md"
 
-EXCLUDED_FIELDS = frozenset({("", "base_dir")})
-"""(section path, field) pairs that are internal, not configuration (`base_dir` is set by `load_config`)."""
+EXCLUDED_FIELDS = frozenset({("", "base_dir"), ("", "preset_context")})
+"""(section path, field) pairs that are internal, not configuration (`base_dir` and `preset_context` are set by
+`load_config`)."""
 
 FALLBACK_DESCRIPTIONS: dict[str, str] = {
     "inputs": "Where the images come from.",

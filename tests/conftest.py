@@ -23,6 +23,14 @@ def _no_secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _own_user_presets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Tests never see a developer's own presets: the user config folder (platformdirs, XDG) is per test."""
+    home = tmp_path / "xdg-config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home))
+    return home / "lpengine" / "presets"
+
+
 @pytest.fixture
 def fast_retries() -> Iterator[None]:
     """Retries keep their attempt counts but skip the backoff sleeps."""
