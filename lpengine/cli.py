@@ -11,7 +11,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,7 +24,8 @@ from lpengine import logs
 from lpengine.config import BatchConfig, load_config
 from lpengine.engine import DryRunReport, Engine
 from lpengine.errors import AuthError, BatchLockedError, ConfigError, LPEngineError, QuotaError, StorageError
-from lpengine.models import ItemState, RunReport
+from lpengine.models import ItemSpec, ItemState, RunReport
+from lpengine.plan import PlanProblem, iter_plan
 from lpengine.preset_commands import app as presets_app
 from lpengine.progress import JsonProgress, ProgressState, TtyProgress
 
@@ -175,27 +177,55 @@ def run(
     cancel_pending: Annotated[
         bool, typer.Option("--cancel-pending", help="On SIGINT/SIGTERM also withdraw tasks still queued (PENDING).")
     ] = False,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            help="video.KEY=V1,V2,… : make each photo (see --limit) with every combination, into OUTPUT/sweep/ "
+            "with a sweep.html contact sheet (docs/presets.md). Repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Run a batch: upload → detect → submit → poll → download, then write the reports.
 
-    Examples: lpengine run configs/batch.yaml --dry-run · lpengine run configs/batch.yaml --limit 10
+    Examples: lpengine run configs/batch.yaml --dry-run · lpengine run configs/batch.yaml --limit 10 ·
+    lpengine run configs/batch.yaml --limit 3 --sweep video.template_id=calm,active
     """
     cfg = _load(config, output, presets)
     log_format, log_level = _setup_logging(log_format, "debug" if debug else log_level, cfg)
+    plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan
+    swept = None
+    if sweep:
+        from lpengine.sweep import parse_sweeps, sweep_config
+
+        try:
+            swept = parse_sweeps(sweep)
+        except ConfigError as exc:
+            raise _fail(exc.problems, EXIT_CONFIG) from None
+        cfg, plan, limit = sweep_config(cfg), partial(swept.plan, photos=limit), None
+        _run_async(lambda: _dry_run(cfg, None, plan=plan, quiet=True))
+        if dry_run:
+            raise typer.Exit(EXIT_OK)
     if dry_run:
         raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))
-    raise typer.Exit(
-        _run_async(
-            lambda: _run(
-                cfg,
-                limit,
-                log_format=log_format,
-                log_level=log_level,
-                progress_interval=progress_interval,
-                cancel_pending=cancel_pending,
-            )
+    code = _run_async(
+        lambda: _run(
+            cfg,
+            limit,
+            log_format=log_format,
+            log_level=log_level,
+            progress_interval=progress_interval,
+            cancel_pending=cancel_pending,
+            plan=plan,
         )
     )
+    if swept is not None:
+        from lpengine.sweep import save_command, write_sweep_page
+
+        page = write_sweep_page(cfg, swept)
+        typer.echo(f"contact sheet: {page}", err=True)
+        typer.echo(f"keep a column: {save_command(cfg.output_dir, '<column label>')}", err=True)
+    raise typer.Exit(code)
 
 
 async def _run(
@@ -206,6 +236,7 @@ async def _run(
     log_level: str,
     progress_interval: float | None = None,
     cancel_pending: bool = False,
+    plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
 ) -> int:
     state = ProgressState()
     try:
@@ -216,7 +247,7 @@ async def _run(
                     logs.configure(fmt=log_format, level=log_level, stream=bars.log_stream)
                     report, interrupted = await _with_signals(
                         engine,
-                        lambda: engine.run(limit=limit, on_planned=bars.set_total),
+                        lambda: engine.run(limit=limit, on_planned=bars.set_total, plan=plan),
                         cancel_pending=cancel_pending,
                     )
             else:
@@ -224,7 +255,7 @@ async def _run(
                 interval = progress_interval
                 report, interrupted = await _with_signals(
                     engine,
-                    lambda: engine.run(limit=limit, on_planned=state.set_total),
+                    lambda: engine.run(limit=limit, on_planned=state.set_total, plan=plan),
                     cancel_pending=cancel_pending,
                     background=(lambda: JsonProgress(state, sys.stderr).run(interval)) if interval else None,
                 )
@@ -248,19 +279,32 @@ async def _run(
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
-async def _dry_run(cfg: BatchConfig, limit: int | None) -> int:
+async def _dry_run(
+    cfg: BatchConfig,
+    limit: int | None,
+    *,
+    plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
+    quiet: bool = False,
+) -> int:
+    """Local checks and the cost of what would be sent; `quiet` prints only the one-line estimate (a sweep's)."""
     try:
         async with Engine(
             cfg.model_copy(update={"api": cfg.api.model_copy(update={"emulator": None})}),
             api_key="dry-run-sends-nothing",
             lock=False,
         ) as engine:
-            report: DryRunReport = await engine.dry_run(limit=limit)
+            report: DryRunReport = await engine.dry_run(limit=limit, plan=plan)
     except ConfigError as exc:
         raise _fail(exc.problems, EXIT_CONFIG) from None
     except LPEngineError as exc:
         raise _fail([str(exc)], EXIT_CONFIG) from None
     rejected = [r for r in report.items if r.state is ItemState.REJECTED_LOCALLY]
+    if quiet:
+        typer.echo(
+            f"will make {report.would_submit} videos, about {report.estimated_cost_cny:.2f} CNY "
+            f"({len(report.items)} planned: {report.already_done} already made, {len(rejected)} refused locally)"
+        )
+        return EXIT_OK
     typer.echo(f"dry run — nothing was sent. {len(report.items)} item(s) planned:")
     typer.echo(f"  already done (skipped)  {report.already_done}")
     typer.echo(f"  rejected locally        {len(rejected)}")

@@ -275,6 +275,9 @@ class OutputConfig(_Model):
     """Where videos, reports and the per-batch JSONL log go (relative to the config file)."""
     overwrite: bool = False
     """Replace an existing MP4 that this batch did not produce (verified outputs of this batch are always kept)."""
+    recipe_tags: bool = True
+    """Write each video's preset and parameters into its MP4 `comment` tag (a remux, no re-encoding;
+    `lpengine presets save NAME --from-video FILE` reads it back)."""
 
 
 class StateConfig(_Model):
@@ -488,7 +491,7 @@ def format_validation_error(
         where = file
         for n in range(len(path), 0, -1):
             if lines and path[:n] in lines:
-                where = f"{file}:{lines[path[:n]]}"
+                where = f"{file}: line {lines[path[:n]]}"
                 break
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc, root)

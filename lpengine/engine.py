@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -318,8 +318,16 @@ class Engine:
 
     # -- public API -------------------------------------------------------------------------------------------
 
-    async def run(self, *, limit: int | None = None, on_planned: Callable[[int], None] | None = None) -> RunReport:
+    async def run(
+        self,
+        *,
+        limit: int | None = None,
+        on_planned: Callable[[int], None] | None = None,
+        plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
+    ) -> RunReport:
         """Run the configured batch; returns the report (also written as report.json/.csv in the output folder).
+
+        `plan` enumerates the items (a sweep multiplies the batch's photos by its combinations).
 
         Raises `AuthError`/`QuotaError` when the account itself refuses work (after writing the report).
         """
@@ -335,7 +343,7 @@ class Engine:
 
         try:
             count = 0
-            async for entry in self._plan():
+            async for entry in self._plan(plan):
                 if (limit is not None and count >= limit) or self._pipeline_scope.cancel_called:
                     break
                 count += 1
@@ -401,7 +409,9 @@ class Engine:
             raise self._fatal
         return slot[0].result(pricing.detect_per_image, pricing.video_per_second)
 
-    async def dry_run(self, *, limit: int | None = None) -> DryRunReport:
+    async def dry_run(
+        self, *, limit: int | None = None, plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan
+    ) -> DryRunReport:
         """Plan and check locally; no paid request. Items already finished in the state store are counted apart."""
         ctx = self.ctx
         pricing = self.config.pricing
@@ -410,7 +420,7 @@ class Engine:
         seconds = 0.0
         seen_images: set[str] = set()
         count = 0
-        async for entry in self._plan():
+        async for entry in self._plan(plan):
             if limit is not None and count >= limit:
                 break
             count += 1
@@ -433,9 +443,11 @@ class Engine:
         cost = would_detect * pricing.detect_per_image + seconds * pricing.video_per_second
         return DryRunReport(tuple(results), would_detect, would_submit, seconds, round(cost, 4), done)
 
-    async def _plan(self) -> AsyncIterator[ItemSpec | PlanProblem]:
+    async def _plan(
+        self, plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]]
+    ) -> AsyncIterator[ItemSpec | PlanProblem]:
         """The plan, produced in a worker thread in chunks (folder scans and manifests are blocking I/O)."""
-        iterator = iter_plan(self.config)
+        iterator = plan(self.config)
 
         def chunk() -> list[ItemSpec | PlanProblem]:
             out: list[ItemSpec | PlanProblem] = []

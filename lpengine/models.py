@@ -63,6 +63,19 @@ class ItemSpec:
     """Overrides the batch's default audio (path or URL)."""
     source: str = ""
     """Where the row came from (manifest line, file path) for messages."""
+    preset: str | None = None
+    """The preset `params` came from (docs/presets.md), if any."""
+    overrides: Mapping[str, Any] | None = None
+    """With a preset: the values written over it (config `video:` keys, manifest columns, a sweep's combination)."""
+
+    @property
+    def recipe(self) -> VideoParams | dict[str, Any]:
+        """What the item's identity is made of. With a preset, its name and the values written over it, not the
+        values it resolves to today: editing a preset must not turn items already submitted into new ones (paid
+        again, the old task orphaned); `stages.upload` keeps their recorded parameters instead."""
+        if self.preset is None:
+            return self.params
+        return {"preset": self.preset, "overrides": dict(self.overrides or {})}
 
 
 @dataclass(slots=True)
@@ -129,12 +142,17 @@ class Item:
             timings={k: round(v, 4) for k, v in self.timings.items()},
             cost_cny=round(self.cost(detect_price, video_price), 6),
             resumed=self.resumed,
+            preset=self.spec.preset,
+            params=self.spec.params.model_dump(),
         )
 
 
-def item_identity(output_name: str, image_sha: str, audio_sha: str, params: VideoParams) -> str:
-    """Content identity: an edited image, another voice track or other parameters make a new item."""
-    blob = json.dumps([output_name, image_sha, audio_sha, params.model_dump()], sort_keys=True)
+def item_identity(output_name: str, image_sha: str, audio_sha: str, params: VideoParams | Mapping[str, Any]) -> str:
+    """Content identity: an edited image, another voice track or other parameters make a new item.
+
+    `params` is `ItemSpec.recipe`: the parameters themselves, or a preset's name and the values written over it."""
+    recipe = params.model_dump() if isinstance(params, VideoParams) else dict(params)
+    blob = json.dumps([output_name, image_sha, audio_sha, recipe], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -154,6 +172,10 @@ class ItemResult:
     timings: dict[str, float]
     cost_cny: float
     resumed: bool = False
+    preset: str | None = None
+    """The preset the item's parameters came from, if any."""
+    params: dict[str, Any] | None = None
+    """The video parameters the item was (or is to be) submitted with."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, keys in field order (report.json's row layout). Spelled out rather than
@@ -171,6 +193,8 @@ class ItemResult:
             "timings": dict(self.timings),
             "cost_cny": self.cost_cny,
             "resumed": self.resumed,
+            "preset": self.preset,
+            "params": dict(self.params) if self.params is not None else None,
         }
 
     @classmethod

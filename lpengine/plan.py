@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from lpengine.config import BatchConfig, VideoOverrides
 from lpengine.models import ItemSpec
+from lpengine.presets import item_recipe
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".heic", ".heif", ".tif", ".tiff"}
 """Files a folder scan picks up. Unsupported formats among them are listed (and rejected) rather than ignored,
@@ -208,13 +209,15 @@ def _iter_inputs(config: BatchConfig, namer: Namer) -> Iterator[ItemSpec | PlanP
                 output_name=namer.assign(path.stem, path.suffix),
                 params=config.video,
                 source=str(path),
+                preset=config.preset_context.batch_preset,
+                overrides=config.preset_context.batch_overrides,
             )
         return
     assert config.inputs.manifest is not None
     yield from _iter_manifest(config, config.resolve(config.inputs.manifest), namer)
 
 
-_MANIFEST_KEYS = {"image", "audio", "output", *VideoOverrides.model_fields}
+_MANIFEST_KEYS = {"image", "audio", "output", "preset", *VideoOverrides.model_fields}
 
 
 def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -291,12 +294,18 @@ def _manifest_specs(config: BatchConfig, path: Path, namer: Namer, seen: KeySet)
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             yield PlanProblem(source, image, f"{problems}; fix the value in the manifest")
             continue
+        try:
+            preset = str(row["preset"]).strip() if row.get("preset") else None
+            params, preset, written = item_recipe(config, preset, overrides.model_dump(exclude_none=True))
+        except KeyError as exc:
+            yield PlanProblem(source, image, f"preset: {exc.args[0]}; fix the value in the manifest")
+            continue
         image_ref = image if _is_url(image) else str(config.resolve(Path(path.parent, image)))
         audio = row.get("audio")
         audio_ref = None
         if audio:
             audio_ref = str(audio) if _is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
-        row_key = json.dumps([image_ref, audio_ref or "", overrides.model_dump(exclude_none=True)], sort_keys=True)
+        row_key = json.dumps([image_ref, audio_ref or "", written, preset], sort_keys=True)
         # 16 bytes however long the URLs are (signed OSS URLs run to a kilobyte); a collision needs ~2^64 rows
         key = hashlib.blake2b(row_key.encode(), digest_size=16).digest()  # json.dumps gives ASCII
         if not seen.add(key, lineno):
@@ -306,7 +315,9 @@ def _manifest_specs(config: BatchConfig, path: Path, namer: Namer, seen: KeySet)
         yield ItemSpec(
             image=image_ref,
             output_name=namer.assign(wanted, Path(image).suffix),
-            params=overrides.apply(config.video),
+            params=params,
             audio=audio_ref,
             source=source,
+            preset=preset,
+            overrides=written,
         )

@@ -151,7 +151,9 @@ def _write(target: Path, text: str, force: bool) -> None:
         raise _fail([f"{target}: cannot write ({exc.strerror}); choose a writable folder"]) from None
 
 
-def save_preset(name: str, description: str, values: dict[str, Any], to: Path | None, force: bool) -> Path:
+def save_preset(
+    name: str, description: str, values: dict[str, Any], to: Path | None, force: bool, *, extends: str | None = None
+) -> Path:
     """Write a new preset file into the user's folder (or `to`) after checking it as any source would be."""
     if problem := check_name(name):
         raise _fail([problem])
@@ -160,5 +162,57 @@ def save_preset(name: str, description: str, values: dict[str, Any], to: Path | 
     except ValueError as exc:
         raise _fail([f"{name}: the values do not make a valid preset ({exc})"]) from None
     target = (to or user_presets_dir()) / f"{name}.yaml"
-    _write(target, preset_document(description, values), force)
+    _write(target, preset_document(description, values, extends), force)
     return target
+
+
+@app.command()
+def save(
+    name: str,
+    from_video: Annotated[
+        Path | None, typer.Option("--from-video", help="An lpengine video: its recipe (MP4 tag) becomes the preset.")
+    ] = None,
+    from_sweep: Annotated[
+        Path | None, typer.Option("--from-sweep", help="A sweep folder (OUTPUT/sweep); with --pick LABEL.")
+    ] = None,
+    pick: Annotated[str | None, typer.Option("--pick", help="The sweep column (combination label) to keep.")] = None,
+    description: Annotated[str, typer.Option("--description", help="What the look is for.")] = "",
+    to: Annotated[
+        Path | None, typer.Option("--to", help="Folder to save into (a batch's presets/); default: your user folder.")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing preset file.")] = False,
+) -> None:
+    """Save a look you liked as a preset: from a video's recipe, or from one column of a sweep's contact sheet.
+
+    Examples: lpengine presets save warm --from-video out/anna.mp4 ·
+    lpengine presets save warm --from-sweep out/sweep --pick mouth1.4_calm
+    """
+    if (from_video is None) == (from_sweep is None):
+        raise _fail(["give exactly one of --from-video FILE or --from-sweep DIR --pick LABEL"])
+    extends: str | None = None
+    if from_video is not None:
+        from lpengine.media import MediaError
+        from lpengine.recipe_tags import read_recipe
+
+        try:
+            recipe = read_recipe(from_video)
+        except MediaError as exc:
+            raise _fail([str(exc)]) from None
+        if recipe is None or not isinstance(recipe.get("params"), dict):
+            raise _fail([f"{from_video}: carries no lpengine recipe (made elsewhere, or with output.recipe_tags off)"])
+        values: dict[str, Any] = recipe["params"]
+        origin = f"from {from_video.name}" + (f" (preset {recipe['preset']})" if recipe.get("preset") else "")
+    else:
+        assert from_sweep is not None
+        try:
+            picks = json.loads((from_sweep / "sweep.json").read_text(encoding="utf-8"))["picks"]
+        except (OSError, ValueError, KeyError):
+            raise _fail([f"{from_sweep}: no sweep.json here; give the sweep folder (OUTPUT/sweep)"]) from None
+        if pick not in picks:
+            raise _fail([f"--pick: {pick!r} is not a column of this sweep; columns: {', '.join(picks)}"])
+        chosen = picks[pick]
+        extends = chosen.get("extends")
+        values = chosen["values"] if extends else chosen["params"]
+        origin = f"sweep column {pick}"
+    target = save_preset(name, description or origin, values, to, force, extends=extends)
+    typer.echo(f"saved preset {name} to {target}; use it with `video: {{preset: {name}}}`")

@@ -27,7 +27,7 @@ import platformdirs
 import yaml
 from pydantic import ValidationError
 
-from lpengine.config import PresetSpec, VideoParams, format_validation_error
+from lpengine.config import BatchConfig, PresetSpec, VideoParams, format_validation_error
 from lpengine.errors import ConfigError
 
 __all__ = [
@@ -39,9 +39,12 @@ __all__ = [
     "apply_presets",
     "check_files",
     "check_name",
+    "item_recipe",
     "key_lines",
     "load_library",
     "read_preset_file",
+    "recipe_text",
+    "unknown_preset",
     "user_presets_dir",
 ]
 
@@ -110,7 +113,7 @@ class PresetDef:
 
     @property
     def where(self) -> str:
-        return f"{self.file}:{self.line}" if self.line else self.file
+        return f"{self.file}: line {self.line}" if self.line else self.file
 
     def describe(self) -> str:
         return f"{self.origin} {self.file}"
@@ -158,16 +161,60 @@ class PresetLibrary:
         return self._presets.get(name)
 
     def unknown(self, name: object) -> str:
-        """The message for a name that is not here: the closest known one, then all of them."""
-        close = difflib.get_close_matches(str(name), self.names(), n=1)
-        hint = f"did you mean `{close[0]}`? " if close else ""
-        return f"unknown preset {str(name)!r}; {hint}known presets: {', '.join(self.names()) or '(none)'}"
+        return unknown_preset(name, self.names())
 
     def values(self) -> dict[str, dict[str, Any]]:
         return {p.name: dict(p.values) for p in self}
 
 
+def unknown_preset(name: object, known: list[str]) -> str:
+    """The message for a preset name that is not known: the closest known one, then all of them."""
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return f"unknown preset {str(name)!r}; {hint}known presets: {', '.join(sorted(known)) or '(none)'}"
+
+
+def item_recipe(
+    config: BatchConfig, preset: str | None, written: Mapping[str, Any]
+) -> tuple[VideoParams, str | None, dict[str, Any]]:
+    """An item's parameters, preset and the values written over the preset, from a manifest row (or a sweep).
+
+    A row that names a preset takes that whole look: the preset's values, then the row's own columns (the batch's
+    `video:` does not apply to it). A row without one starts from the batch's `video:` and its preset. Raises
+    `KeyError` with the message for a preset name that is not known."""
+    context = config.preset_context
+    if preset is not None:
+        if preset not in context.values:
+            raise KeyError(unknown_preset(preset, list(context.values)))
+        return VideoParams.model_validate({**context.values[preset], **written}), preset, dict(written)
+    params = config.video.model_copy(update=dict(written))
+    return params, context.batch_preset, {**context.batch_overrides, **written}
+
+
+_SHORT = {
+    "template_id": "",
+    "eye_move_freq": "eye ",
+    "video_fps": "fps ",
+    "mouth_move_strength": "mouth ",
+    "paste_back": "paste_back ",
+    "head_move_strength": "head ",
+}
+
+
+def recipe_text(preset: str | None, params: Mapping[str, Any] | None) -> str:
+    """One short line for people: `news-anchor: calm, eye 0.5, fps 24, mouth 1.0, paste_back true, head 0.5`."""
+    values = ", ".join(
+        f"{_SHORT.get(k, k + ' ')}{str(v).lower() if isinstance(v, bool) else v}" for k, v in (params or {}).items()
+    )
+    return f"{preset}: {values}" if preset else values
+
+
 # -- reading the sources -------------------------------------------------------------------------------------------
+
+
+def _at(file: str, lines: Mapping[tuple[str, ...], int], path: tuple[str, ...]) -> str:
+    """`FILE: line N` for a key path whose line is known (the form of every config message), else `FILE`."""
+    return f"{file}: line {lines[path]}" if path in lines else file
 
 
 def read_preset_file(path: Path, origin: str, problems: list[str]) -> PresetDef | None:
@@ -188,7 +235,7 @@ def read_preset_file(path: Path, origin: str, problems: list[str]) -> PresetDef 
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark is not None else file
+        where = f"{file}: line {mark.line + 1}" if mark is not None else file
         problems.append(f"{where}: {getattr(exc, 'problem', None) or 'invalid YAML'}; fix the YAML syntax")
         return None
     if not isinstance(raw, dict):
@@ -214,7 +261,7 @@ def _definition(
         return None
     field = ".".join(prefix)
     if spec.extends is not None and (problem := check_name(spec.extends)):
-        where = f"{file}:{lines[(*prefix, 'extends')]}" if (*prefix, "extends") in lines else file
+        where = _at(file, lines, (*prefix, "extends"))
         problems.append(f"{where}: {field + '.' if field else ''}extends: {problem}")
         return None
     return PresetDef(name, spec, origin, file, field, lines.get((*prefix, "extends")) or lines.get(prefix))
@@ -236,7 +283,7 @@ def _block(
 ) -> list[PresetDef]:
     defs = []
     for name, raw in block.items():
-        where = f"{file}:{lines[('presets', str(name))]}" if ("presets", str(name)) in lines else file
+        where = _at(file, lines, ("presets", str(name)))
         if problem := check_name(name):
             problems.append(f"{where}: presets: {problem}")
             continue
@@ -326,7 +373,8 @@ def _collect(
     defs += _folder(user_presets_dir(), "user", problems)
     if presets_dir is not None:
         if not presets_dir.is_dir():
-            problems.append(f"presets_dir: {presets_dir} is not a folder; check the path (or --presets DIR)")
+            where = f"{file}: " if file else ""
+            problems.append(f"{where}presets_dir: {presets_dir} is not a folder; check the path (or --presets DIR)")
         defs += _folder(presets_dir, "folder", problems)
     elif base_dir is not None:
         defs += _folder(base_dir / "presets", "folder", problems)
@@ -401,7 +449,7 @@ def apply_presets(data: dict[str, Any], *, file: str, text: str, base_dir: Path,
     if isinstance(video, dict) and "preset" in video:
         video = dict(video)
         name = video.pop("preset")
-        where = f"{file}:{lines[('video', 'preset')]}" if ("video", "preset") in lines else file
+        where = _at(file, lines, ("video", "preset"))
         preset = library.get(name) if isinstance(name, str) else None
         if preset is None:
             problems.append(f"{where}: video.preset: {library.unknown(name)}")

@@ -27,6 +27,8 @@ CSV_COLUMNS = [
     "submit_attempts",
     "cost_cny",
     "resumed",
+    "preset",
+    "params",
     "t_check",
     "t_upload",
     "t_detect",
@@ -40,6 +42,7 @@ def _row(result: ItemResult) -> dict[str, object]:
     data = result.to_dict()
     timings = data.pop("timings")
     row = {k: v for k, v in data.items() if k in CSV_COLUMNS}
+    row["params"] = json.dumps(data["params"], sort_keys=True) if data["params"] is not None else None
     for stage in ("check", "upload", "detect", "submit", "poll", "download"):
         row[f"t_{stage}"] = timings.get(stage)
     return row
@@ -114,4 +117,6 @@ def result_from_state(data: dict[str, object], detect_price: float, video_price:
         submit_attempts=int(attempts) if isinstance(attempts, int) else 0,
         timings=dict(timings) if isinstance(timings, dict) else {},
         cost_cny=round(cost, 6),
+        preset=str(data["preset"]) if data.get("preset") else None,
+        params=dict(params) if isinstance(params := data.get("params"), dict) else None,
     )

@@ -25,6 +25,7 @@ from urllib.parse import quote
 from PIL import Image, ImageOps
 
 from lpengine.models import ItemResult, ItemState, RunReport
+from lpengine.presets import recipe_text
 from lpengine.progress import failure_code
 
 __all__ = ["THUMBNAIL_PX", "THUMBNAIL_ROWS", "suggest_fix", "write_html_report"]
@@ -273,6 +274,8 @@ def _details(result: ItemResult) -> str:
         rows.append(("submits", str(result.submit_attempts)))
     if result.cost_cny:
         rows.append(("cost", f"{result.cost_cny:.3f}\u00a0CNY"))
+    if result.params:
+        rows.append(("recipe", recipe_text(result.preset, result.params)))
     cells = [f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in rows]
     if result.timings:
         spans = (f'<span class="t">{escape(k)} {_duration(v)}</span>' for k, v in result.timings.items())

@@ -182,6 +182,8 @@ def dump_item(item: Item, **extra: Any) -> dict[str, Any]:
     data["state"] = item.state.value if item.state else None
     data["stage"] = item.stage.value
     data["input"] = item.spec.image
+    data["preset"] = item.spec.preset
+    data["params"] = item.spec.params.model_dump()  # the recipe as submitted: a resumed item keeps it
     data["updated_wall"] = time.time()
     data.update(extra)
     return data

@@ -14,14 +14,16 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import aiohttp
+import anyio
 
 from lpengine.client.retry import call_with_retries
 from lpengine.errors import LPEngineError, NetworkError
 from lpengine.media import MediaError, check_mp4_boxes, verify_mp4
 from lpengine.models import Item, ItemState, Stage
+from lpengine.recipe_tags import write_recipe
 from lpengine.stages.context import StageContext
 
 _CHUNK = 256 * 1024
@@ -62,9 +64,11 @@ async def download(ctx: StageContext, item: Item) -> None:
     await ctx.save(item)  # write-ahead: this path is the item's from now on, so a re-run recognises the file
     retry = ctx.config.api.retry
     url = item.video_url
+    recipe = {"preset": item.spec.preset, "params": item.spec.params.model_dump()}
+    tag = recipe if ctx.config.output.recipe_tags else None
     try:
         size = await call_with_retries(
-            lambda: _fetch(ctx, url, target),
+            lambda: _fetch(ctx, url, target, tag),
             retry_on=lambda exc: isinstance(exc, NetworkError | _BadBody),
             policy=retry,
             timeout_s=retry.total_timeout_s + ctx.config.api.download_timeout_s,
@@ -97,7 +101,7 @@ async def _already_there(target: Path) -> bool:
     return True
 
 
-async def _fetch(ctx: StageContext, url: str, target: Path) -> int:
+async def _fetch(ctx: StageContext, url: str, target: Path, recipe: dict[str, Any] | None) -> int:
     part = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     timeout = aiohttp.ClientTimeout(total=ctx.config.api.download_timeout_s)
     renamed = False
@@ -120,6 +124,8 @@ async def _fetch(ctx: StageContext, url: str, target: Path) -> int:
                     check_mp4_boxes(fh, written, part)  # through the same handle: no second open per video
                 except MediaError as exc:
                     raise _BadBody(f"not a valid MP4 ({exc.reason})") from None
+        if recipe is not None:  # verified first: the tag is written into a whole video, never into a cut one
+            written = await anyio.to_thread.run_sync(write_recipe, part, recipe)
         os.replace(part, target)
         renamed = True
         return written

@@ -10,11 +10,13 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import anyio
 
+from lpengine.config import VideoParams
 from lpengine.errors import InputRejectedError, StorageError
 from lpengine.media import INLINE_IO_BYTES, inspect_audio, inspect_image
 from lpengine.models import Item, ItemState, Stage, item_identity
@@ -98,13 +100,14 @@ async def prepare(ctx: StageContext, item: Item) -> None:
     except InputRejectedError as exc:
         item.finish(ItemState.REJECTED_LOCALLY, f"{exc.path}: {exc.reason}")
         return
-    item.item_id = item_identity(item.spec.output_name, image_sha, audio_sha, item.spec.params)
+    item.item_id = item_identity(item.spec.output_name, image_sha, audio_sha, item.spec.recipe)
     item.timings["check"] = time.perf_counter() - started
 
     stored = await ctx.store.get(item.item_id)
     if stored is None:
         return
     _restore(item, stored, finished=_finished(stored))
+    _keep_recorded_params(ctx, item, stored.data)
 
 
 async def _finished_unread(ctx: StageContext, item: Item, stamp: FileStamp, audio_sha: str) -> bool:
@@ -114,13 +117,39 @@ async def _finished_unread(ctx: StageContext, item: Item, stamp: FileStamp, audi
     image_sha = await ctx.store.digest(item.spec.image, stamp)
     if image_sha is None:
         return False
-    item_id = item_identity(item.spec.output_name, image_sha, audio_sha, item.spec.params)
+    item_id = item_identity(item.spec.output_name, image_sha, audio_sha, item.spec.recipe)
     stored = await ctx.store.get(item_id)
     if stored is None or not _finished(stored):
         return False
     item.item_id = item_id
     _restore(item, stored, finished=True)
+    _keep_recorded_params(ctx, item, stored.data)
     return True
+
+
+def _keep_recorded_params(ctx: StageContext, item: Item, data: dict[str, object]) -> None:
+    """An item already submitted keeps the parameters it was submitted with, even if its preset was edited since
+    (its identity holds the preset's name, not its values): the task at the service, or the video on disk, was
+    made with those, and submitting again with new ones would pay twice. Said once per item, as a warning."""
+    recorded = data.get("params")
+    submitted = data.get("task_id") or data.get("submit_inflight_wall") or data.get("submit_attempts")
+    if not isinstance(recorded, dict) or not submitted:
+        return
+    params = VideoParams.model_validate(recorded)
+    if params == item.spec.params:
+        return
+    changed = {k: [v, getattr(item.spec.params, k)] for k, v in recorded.items() if getattr(item.spec.params, k) != v}
+    ctx.emit(
+        item,
+        "preset.changed_since_submit",
+        level="warning",
+        preset=item.spec.preset,
+        submitted_with={k: pair[0] for k, pair in changed.items()},
+        preset_now={k: pair[1] for k, pair in changed.items()},
+        message=f"preset {item.spec.preset!r} changed since this item was submitted; it keeps the parameters it "
+        "was submitted with",
+    )
+    item.spec = replace(item.spec, params=params)
 
 
 def _finished(stored: StoredItem) -> bool:

@@ -90,13 +90,22 @@ def test_extends_chain_and_provenance(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("block", "expected"),
     [
-        ("  me: {extends: me}\n", "b.yaml:5: presets.me.extends: `me → me` is a cycle"),
+        ("  me: {extends: me}\n", "b.yaml: line 5: presets.me.extends: `me → me` is a cycle"),
         ("  a: {extends: b}\n  b: {extends: a}\n", "presets.a.extends: `a → b → a` is a cycle"),
-        ("  a: {extends: nwes-anchor}\n", "b.yaml:5: presets.a.extends: unknown preset 'nwes-anchor'; did you mean"),
-        ("  a: {mouth_move_strength: 1.6}\n", "b.yaml:5: presets.a.mouth_move_strength: Input should be less than"),
+        (
+            "  a: {extends: nwes-anchor}\n",
+            "b.yaml: line 5: presets.a.extends: unknown preset 'nwes-anchor'; did you mean",
+        ),
+        (
+            "  a: {mouth_move_strength: 1.6}\n",
+            "b.yaml: line 5: presets.a.mouth_move_strength: Input should be less than",
+        ),
         ("  a: {video_fps: 31}\n", "presets.a.video_fps: Input should be less than or equal to 30"),
-        ("  a:\n    head_move_strenght: 0.2\n", "b.yaml:6: presets.a.head_move_strenght: unknown key; did you mean"),
-        ("  ../up: {}\n", "b.yaml:5: presets: preset name '../up' is not allowed"),
+        (
+            "  a:\n    head_move_strenght: 0.2\n",
+            "b.yaml: line 6: presets.a.head_move_strenght: unknown key; did you mean",
+        ),
+        ("  ../up: {}\n", "b.yaml: line 5: presets: preset name '../up' is not allowed"),
         ("  'a/b': {}\n", "preset name 'a/b' is not allowed"),
         ("  a: 3\n", "presets.a: must be a mapping"),
     ],
@@ -110,7 +119,7 @@ def test_bad_presets_in_the_config_name_file_line_and_field(tmp_path: Path, bloc
 def test_unknown_batch_preset_is_refused_with_a_suggestion(tmp_path: Path) -> None:
     path = write(tmp_path / "b.yaml", BATCH + "video:\n  preset: news_anchor\n")
     assert _problems(path) == [
-        f"{path}:5: video.preset: unknown preset 'news_anchor'; did you mean `news-anchor`? known presets: "
+        f"{path}: line 5: video.preset: unknown preset 'news_anchor'; did you mean `news-anchor`? known presets: "
         "face-only, news-anchor, presenter, song, song-smooth"
     ]
 
@@ -120,7 +129,9 @@ def test_bad_preset_files_are_refused_before_the_batch_starts(tmp_path: Path, _o
     bad = write(tmp_path / "presets" / "x.yaml", "description: x\n\ntemplate_id: wild\n")
     write(_own_user_presets / "bad name.yaml", "video_fps: 20\n")
     problems = _problems(write(tmp_path / "b.yaml", BATCH))
-    assert any(p.startswith(f"{bad}:3: template_id: Input should be 'normal', 'calm' or 'active'") for p in problems)
+    assert any(
+        p.startswith(f"{bad}: line 3: template_id: Input should be 'normal', 'calm' or 'active'") for p in problems
+    )
     assert any("bad name.yaml: preset name 'bad name' is not allowed" in p for p in problems), problems
     missing = _problems(write(tmp_path / "c.yaml", BATCH + "presets_dir: nowhere\n"))
     assert any("presets_dir: " in p and "nowhere is not a folder" in p for p in missing), missing
@@ -160,5 +171,5 @@ def test_cli_list_show_validate_export(tmp_path: Path, monkeypatch: pytest.Monke
     write(tmp_path / "bad.yaml", "eye_move_freq: 2\n")
     bad = runner.invoke(app, ["presets", "validate", "bad.yaml"])
     assert bad.exit_code == 2
-    assert "bad.yaml:1: eye_move_freq: Input should be less than or equal to 1" in bad.output
+    assert "bad.yaml: line 1: eye_move_freq: Input should be less than or equal to 1" in bad.output
     assert runner.invoke(app, ["presets", "show", "nope"]).exit_code == 2
