@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
+
+from lpengine import BatchConfig, Engine, ProgressEvent
+
 ROOT = Path(__file__).resolve().parents[1]
 VOICE = ROOT / "lpengine" / "assets" / "voice.wav"
 
@@ -38,3 +42,23 @@ output:
     path = folder / "batch.yaml"
     path.write_text(body)
     return path
+
+
+async def cancel_after_first_submit(config: BatchConfig, api_key: str, *, timeout_s: float = 30) -> None:
+    """Run the batch and cancel the caller's task as soon as one item has a task id (an interrupted batch)."""
+    submitted = anyio.Event()
+
+    def watch(event: ProgressEvent) -> None:
+        if event.task_id:
+            submitted.set()
+
+    with anyio.fail_after(timeout_s):
+        async with anyio.create_task_group() as tg:
+
+            async def batch_run() -> None:
+                async with Engine(config, api_key=api_key, on_event=watch) as engine:
+                    await engine.run()
+
+            tg.start_soon(batch_run)
+            await submitted.wait()
+            tg.cancel_scope.cancel()

@@ -18,11 +18,11 @@ import anyio
 import pytest
 from PIL import Image
 
-from lpengine import Engine, ItemState, ProgressEvent, load_config
+from lpengine import Engine, ItemState, load_config
 from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
 from lpengine.media import verify_mp4
 from lpengine.reports.spool import SpooledResults
-from tests.helpers import write_batch
+from tests.helpers import cancel_after_first_submit, write_batch
 
 pytestmark = pytest.mark.anyio
 
@@ -297,22 +297,7 @@ async def test_cancelling_the_caller_stops_cleanly_and_resumes(
     """Cancel the task awaiting `run()` mid-batch: no hang, state kept; the next run finishes without paying twice."""
     small = {"faces": dataset["faces"][:12], "non_faces": [], "bad": []}
     config = load_config(make_batch(tmp_path, small, emulator.base_url))  # type: ignore[attr-defined]
-    submitted = anyio.Event()
-
-    def watch(event: ProgressEvent) -> None:
-        if event.task_id:
-            submitted.set()
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-
-            async def batch_run() -> None:
-                async with Engine(config, api_key=KEY, on_event=watch) as engine:
-                    await engine.run()
-
-            tg.start_soon(batch_run)
-            await submitted.wait()
-            tg.cancel_scope.cancel()
+    await cancel_after_first_submit(config, KEY)
     async with Engine(config, api_key=KEY) as engine:
         report = await engine.run()
     assert report.ok and len(report.items) == 12

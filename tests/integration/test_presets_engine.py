@@ -9,14 +9,13 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import anyio
 import pytest
 
-from lpengine import Engine, ItemState, ProgressEvent, load_config
+from lpengine import Engine, ItemState, load_config
 from lpengine.emulator import EmulatorSettings, run_emulator
 from lpengine.state.store import SqliteStateStore
 from tests.conftest import write
-from tests.helpers import write_batch
+from tests.helpers import cancel_after_first_submit, write_batch
 
 pytestmark = pytest.mark.anyio
 
@@ -108,22 +107,7 @@ async def test_a_preset_edited_under_a_batch_keeps_what_was_submitted(
         write_batch(tmp_path, emulator.base_url, SPEEDUP, video="{preset: look}")  # type: ignore[attr-defined]
     )
     assert config.video.mouth_move_strength == 0.8
-    submitted = anyio.Event()
-
-    def watch(event: ProgressEvent) -> None:
-        if event.task_id:
-            submitted.set()
-
-    with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-
-            async def first_run() -> None:
-                async with Engine(config, api_key=KEY, on_event=watch) as engine:
-                    await engine.run()
-
-            tg.start_soon(first_run)
-            await submitted.wait()
-            tg.cancel_scope.cancel()
+    await cancel_after_first_submit(config, KEY)
     assert 1 <= submits(emulator) < 6
     async with SqliteStateStore(config.state_path) as store:  # sent, or about to be (a send may be in flight)
         before = sum([bool(row.data.get("submit_attempts")) async for row in store.items()])
