@@ -223,8 +223,9 @@ def run(
         from lpengine.sweep import save_command, write_sweep_page
 
         page = write_sweep_page(cfg, swept)
-        typer.echo(f"contact sheet: {page}", err=True)
-        typer.echo(f"keep a column: {save_command(cfg.output_dir, '<column label>')}", err=True)
+        if page is not None:
+            typer.echo(f"contact sheet: {page}", err=True)
+            typer.echo(f"keep a column: {save_command(cfg.output_dir, '<column label>')}", err=True)
     raise typer.Exit(code)
 
 
@@ -344,13 +345,14 @@ def demo(
 def status(
     config: ConfigArg,
     output: OutputOpt = None,
+    presets: PresetsOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
 ) -> None:
     """Show the batch's progress from the state store, without calling the API.
 
     Example: lpengine status configs/batch.yaml --json
     """
-    cfg = _load(config, output)
+    cfg = _load(config, output, presets)
     if not cfg.state_path.exists():
         raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
     summary = _run_async(lambda: _status(cfg))
@@ -384,12 +386,12 @@ async def _status(cfg: BatchConfig) -> dict[str, Any]:
 
 
 @app.command()
-def report(config: ConfigArg, output: OutputOpt = None) -> None:
+def report(config: ConfigArg, output: OutputOpt = None, presets: PresetsOpt = None) -> None:
     """Rebuild report.json, report.csv and report.html from the state store, without calling the API.
 
     Example: lpengine report configs/batch.yaml
     """
-    cfg = _load(config, output)
+    cfg = _load(config, output, presets)
     if not cfg.state_path.exists():
         raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
     rebuilt = _run_async(lambda: _rebuild(cfg))

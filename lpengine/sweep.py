@@ -129,11 +129,14 @@ def save_command(sweep_dir: Path, label: str) -> str:
     return f"lpengine presets save NAME --from-sweep {sweep_dir} --pick {label}"
 
 
-def write_sweep_page(config: BatchConfig, sweep: Sweep) -> Path:
+def write_sweep_page(config: BatchConfig, sweep: Sweep) -> Path | None:
     """`sweep.html` from the sweep's report.json (rows: photos; columns: combinations), and `sweep.json`, which
-    `lpengine presets save NAME --from-sweep DIR --pick LABEL` reads."""
+    `lpengine presets save NAME --from-sweep DIR --pick LABEL` reads. None if the run wrote no report."""
     out = config.output_dir
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    try:
+        report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
     labels = [sweep.label(c) for c in sweep.combinations]
     keys = [k for k, _ in sweep.axes]
     cells: dict[tuple[str, str], dict[str, Any]] = {}
