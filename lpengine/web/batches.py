@@ -305,6 +305,8 @@ class BatchManager:
                     by_state[status] = by_state.get(status, 0) + 1
                     spent += result.cost_cny
                     video = result.output if result.state is ItemState.SUCCEEDED else None
+                    # The result analysis' judgement, where the engine ran it (`analysis` in the item's record).
+                    judged: dict[str, Any] = analysis if isinstance(analysis := data.get("analysis"), dict) else {}
                     # os.path, not Path: building 10 000 Path objects was most of a cold 10k-item page
                     rows.append(
                         {
@@ -313,9 +315,9 @@ class BatchManager:
                             "stage": row.stage,
                             "error": _plain(result.reason, result.input) if status != "succeeded" else "",
                             "video_url": f"/api/batches/{bid}/videos/{os.path.basename(video)}" if video else None,
-                            "verdict": data.get("verdict"),
-                            "flags": list(data.get("flags") or []),
-                            "score": data.get("score"),
+                            "verdict": judged.get("verdict"),
+                            "flags": [str(f) for f in judged.get("flags") or []],
+                            "score": judged.get("score"),
                         }
                     )
         rows.sort(key=lambda r: r["name"])
@@ -440,7 +442,7 @@ class BatchManager:
 def _needs_review(row: dict[str, Any]) -> bool:
     """Finished videos the analysis did not pass, and failed items: what a person should look at."""
     if row["status"] == "succeeded":
-        return bool(row["verdict"] not in (None, "ok", "good", "pass") or row["flags"])
+        return bool(row["verdict"] not in (None, "ok") or row["flags"])
     return bool(row["status"] != "in_progress")
 
 

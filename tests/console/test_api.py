@@ -287,3 +287,35 @@ async def test_console_batch_is_an_ordinary_batch_for_the_cli(console: Console, 
     assert summary["api_requests"].get("detect", 0) == summary["api_requests"].get("submit", 0) == 0
     async with http.get(f"/api/batches/{bid}") as rsp:
         assert (await rsp.json())["counts"]["succeeded"] == 2
+
+
+async def test_pause_then_resume_finishes_without_paying_twice(console: Console, http: aiohttp.ClientSession) -> None:
+    emulator: Any = console.emulator
+    emulator.set_faults(FaultSettings(latency_s=60))
+    bid = await _create(http, n=2)
+    await _until(console, bid, {"running"})
+    async with http.post(f"/api/batches/{bid}/pause") as rsp:
+        assert rsp.status == 200
+    emulator.set_faults(FaultSettings())
+    paused = await _until(console, bid, {"paused"})
+    assert paused["cost"]["projected_remaining_cny"] > 0  # still to spend: it is only paused
+    async with http.post(f"/api/batches/{bid}/resume") as rsp:
+        assert rsp.status == 200
+    done = await _until(console, bid, {"done"})
+    assert done["counts"]["succeeded"] == 2 and done["cost"]["projected_remaining_cny"] == 0
+    assert set(emulator.stats().submissions_per_image.values()) == {1}
+
+
+async def test_history_survives_a_console_restart(tmp_path: Path) -> None:
+    async with open_console(settings(tmp_path)) as first, aiohttp.ClientSession(_root(first), headers=AUTH) as http:
+        bid = await _create(http, n=1)
+        before = await _until(first, bid, {"done"})
+    async with open_console(settings(tmp_path)) as second, aiohttp.ClientSession(_root(second), headers=AUTH) as http:
+        async with http.get("/api/batches") as rsp:
+            listed = (await rsp.json())["batches"]
+        async with http.get(f"/api/batches/{bid}") as rsp:
+            again = await rsp.json()
+    assert [b["id"] for b in listed] == [bid]
+    assert again["state"] == "done" and again["counts"]["succeeded"] == 1
+    assert again["cost"]["spent_cny"] == before["cost"]["spent_cny"]
+    assert again["items"][0]["video_url"]
