@@ -92,6 +92,12 @@ class BatchManager:
         base = load_config(base_config)
         self.pricing = base.pricing
         self.video_defaults = base.video
+        self.presets: dict[str, dict[str, Any]] = {
+            **{t: {"template_id": t} for t in ("normal", "calm", "active")},
+            **base.preset_context.values,
+        }
+        """The service's three motion templates, then every named preset the base config sees (docs/presets.md);
+        a batch's parameters are resolved from them when it is created and written out in full."""
 
     # -- folders and metadata ---------------------------------------------------------------------------------
 

@@ -25,12 +25,6 @@ MANAGER = web.AppKey("manager", BatchManager)
 SSE_INTERVAL_S = 1.0
 """How often a live stream looks for news: the counters are read once a second whatever the item rate, so the
 console's cost does not grow with the batch's speed or the number of listeners' items."""
-PRESETS: dict[str, dict[str, Any]] = {
-    "normal": {"template_id": "normal"},
-    "calm": {"template_id": "calm"},
-    "active": {"template_id": "active"},
-}
-"""The three motion templates of the service; each preset starts from the console's base configuration."""
 
 routes = web.RouteTableDef()
 
@@ -83,7 +77,7 @@ async def new_batch_page(request: web.Request) -> dict[str, Any]:
     manager = _manager(request)
     return {
         "page": "new",
-        "presets": list(PRESETS),
+        "presets": list(manager.presets),
         "fields": _param_fields(),
         "pricing": manager.pricing,
         "max_images": MAX_IMAGES,
@@ -136,9 +130,9 @@ async def _intake(request: web.Request) -> tuple[Intake, VideoParams, dict[str, 
     incoming = manager.workspace / ".incoming" / secrets.token_hex(8)
     intake = await read_intake(request, incoming)
     try:
-        preset = PRESETS.get(intake.preset or "normal")
+        preset = manager.presets.get(intake.preset or "normal")
         if preset is None:
-            raise UploadRefused(f"preset {intake.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+            raise UploadRefused(f"preset {intake.preset!r} is unknown; choose one of {', '.join(manager.presets)}")
         base = manager.video_defaults.model_dump()
         params = video_params(intake, {**base, **preset})
         if intake.server_folder is not None and not intake.server_folder.is_dir():

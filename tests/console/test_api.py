@@ -319,3 +319,16 @@ async def test_history_survives_a_console_restart(tmp_path: Path) -> None:
     assert again["state"] == "done" and again["counts"]["succeeded"] == 1
     assert again["cost"]["spent_cny"] == before["cost"]["spent_cny"]
     assert again["items"][0]["video_url"]
+
+
+async def test_named_presets_are_offered_and_resolved(console: Console, http: aiohttp.ClientSession) -> None:
+    presets = console.manager.presets
+    assert {"normal", "calm", "active", "news-anchor"} <= set(presets)
+    async with http.get("/") as rsp:
+        assert '<option value="news-anchor">' in await rsp.text()
+    bid = await _create(http, n=1, preset="news-anchor", params=json.dumps({"video_fps": 25}))
+    async with http.get(f"/api/batches/{bid}") as rsp:
+        params = (await rsp.json())["params"]
+    assert params["video_fps"] == 25  # the adjustment wins over the preset
+    assert all(params[k] == v for k, v in presets["news-anchor"].items() if k != "video_fps")
+    await _until(console, bid, {"done"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ from lpengine.emulator import FaultSettings
 from lpengine.web import Console
 from tests.console.conftest import ASSETS, PORTRAITS, VOICE
 
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+DOC_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+SHOTS_ENV = "LPENGINE_DOC_SHOTS"
+"""Set it to 1 to refresh the screenshots in docs/console/ (otherwise they go to the test's tmp folder, so a test
+run leaves the checkout clean)."""
 TIMEOUT_MS = 60_000
 
 
@@ -31,9 +35,12 @@ def _drop_voice_track(page: Page) -> None:
     )
 
 
-def _shot(page: Page, name: str) -> None:
-    SHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+def _shot(page: Page, name: str, folder: Path) -> None:
+    if os.environ.get(SHOTS_ENV) == "1":
+        folder = DOC_SHOTS
+    folder.mkdir(exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
+    assert (folder / f"{name}.png").stat().st_size > 10_000  # a real page, not a blank one
 
 
 def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, tmp_path: Path) -> None:
@@ -54,7 +61,7 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
     expect(page.locator("#start")).to_be_enabled()
     page.select_option("#preset", "calm")
     expect(page.locator("#start")).to_be_enabled()
-    _shot(page, "new-batch")
+    _shot(page, "new-batch", tmp_path)
 
     page.click("#start")
     expect(page).to_have_url(re.compile(r"/batches/\d{8}-\d{6}-[0-9a-f]{6}$"))
@@ -64,14 +71,14 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
     expect(page.locator("#failed")).to_have_text("1")
     expect(page.locator("#items tbody tr")).to_have_count(2)
     expect(page.locator("#items")).to_contain_text("detect_failed")
-    _shot(page, "batch")
+    _shot(page, "batch", tmp_path)
 
     page.goto(first + "/gallery")
     video = page.locator("video")
     expect(video).to_have_count(1)
     page.evaluate("() => { const v = document.querySelector('video'); v.muted = true; return v.play(); }")
     page.wait_for_function("() => document.querySelector('video').readyState >= 2")
-    _shot(page, "gallery")
+    _shot(page, "gallery", tmp_path)
     page.click("#needs-review")
     expect(page.locator("#matching")).to_have_text("1 item(s)")
     expect(page.locator("figure.card")).to_have_attribute("data-status", "detect_failed")
@@ -92,4 +99,4 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
 
     page.goto(console.url.split("/?")[0] + "/batches")
     expect(page.locator("#batches tbody tr")).to_have_count(2)
-    _shot(page, "batches")
+    _shot(page, "batches", tmp_path)
