@@ -133,17 +133,22 @@ async def test_batch_lifecycle_endpoints(console: Console, http: aiohttp.ClientS
     assert all(n == 1 for n in console.emulator.stats().submissions_per_image.values())  # type: ignore[attr-defined]
 
 
-async def test_cancel_mid_run(console: Console, http: aiohttp.ClientSession) -> None:
+async def _stopped_mid_run(console: Console, http: aiohttp.ClientSession, n: int, action: str) -> tuple[str, Any]:
+    """A batch held mid-run by the emulator (every API call hangs), then paused or cancelled through the API."""
     emulator: Any = console.emulator
-    emulator.set_faults(FaultSettings(latency_s=60))  # every API call now hangs: the batch is held mid-run
-    bid = await _create(http, n=3)
+    emulator.set_faults(FaultSettings(latency_s=60))
+    bid = await _create(http, n=n)
     await _until(console, bid, {"running"})
-    async with http.post(f"/api/batches/{bid}/cancel") as rsp:
+    async with http.post(f"/api/batches/{bid}/{action}") as rsp:
         assert rsp.status == 200
     emulator.set_faults(FaultSettings())
-    cancelled = await _until(console, bid, {"cancelled"})
+    return bid, await _until(console, bid, {"cancelled" if action == "cancel" else "paused"})
+
+
+async def test_cancel_mid_run(console: Console, http: aiohttp.ClientSession) -> None:
+    _bid, cancelled = await _stopped_mid_run(console, http, 3, "cancel")
     assert cancelled["counts"]["succeeded"] == 0
-    assert emulator.stats().tasks_by_status.get("SUCCEEDED", 0) == 0
+    assert console.emulator.stats().tasks_by_status.get("SUCCEEDED", 0) == 0  # type: ignore[attr-defined]
 
 
 async def test_unknown_batch_and_escaping_video_names(console: Console, http: aiohttp.ClientSession) -> None:
@@ -291,13 +296,7 @@ async def test_console_batch_is_an_ordinary_batch_for_the_cli(console: Console, 
 
 async def test_pause_then_resume_finishes_without_paying_twice(console: Console, http: aiohttp.ClientSession) -> None:
     emulator: Any = console.emulator
-    emulator.set_faults(FaultSettings(latency_s=60))
-    bid = await _create(http, n=2)
-    await _until(console, bid, {"running"})
-    async with http.post(f"/api/batches/{bid}/pause") as rsp:
-        assert rsp.status == 200
-    emulator.set_faults(FaultSettings())
-    paused = await _until(console, bid, {"paused"})
+    bid, paused = await _stopped_mid_run(console, http, 2, "pause")
     assert paused["cost"]["projected_remaining_cny"] > 0  # still to spend: it is only paused
     async with http.post(f"/api/batches/{bid}/resume") as rsp:
         assert rsp.status == 200
