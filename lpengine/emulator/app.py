@@ -39,7 +39,7 @@ from lpengine.emulator.media import (
     stub_video,
     video_encoder_available,
 )
-from lpengine.emulator.settings import ERROR_CATALOGUE, EmulatorSettings, Endpoint, FaultSettings
+from lpengine.emulator.settings import EmulatorSettings, Endpoint, FaultSettings
 from lpengine.emulator.state import (
     UPLOAD_MAX_MB,
     ApiError,
@@ -85,6 +85,10 @@ def _bad_request(message: str = "The request parameter is invalid.") -> ApiError
 
 def _missing(name: str) -> ApiError:
     return _bad_request(f"Required parameter({name}) missing or invalid, please check the request parameters.")
+
+
+def _download_failed() -> ApiError:
+    return ApiError(400, "InvalidParameter.InputDownloadFailed", "Failed to download input files.")  # §6
 
 
 def _out_of_definition(name: str) -> ApiError:
@@ -231,7 +235,10 @@ class _Emulator:
         if isinstance(error, OssError) or request.get(_OSS_STYLE, False):
             return _oss_xml(error, request[_REQUEST_ID])
         body = {"code": error.code, "message": error.message, "request_id": request[_REQUEST_ID]}
-        return web.json_response(body, status=error.status)
+        response = web.json_response(body, status=error.status)
+        if error.status == 429:  # whole seconds (RFC 9110 delta-seconds), at least one
+            response.headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+        return response
 
     async def _enter(
         self,
@@ -249,9 +256,9 @@ class _Emulator:
         api_key = ""
         if family is not None:
             api_key = self._authenticate(request)
-            code = self.state.admit(family, bucket or family)
-            if code is not None:
-                raise ApiError.catalogued(code)
+            throttled = self.state.admit(family, bucket or family)
+            if throttled is not None:
+                raise throttled
         fault = self.state.request_fault(endpoint, subject)
         if fault == "drop":
             raise _Drop
@@ -335,7 +342,7 @@ class _Emulator:
             raise _missing("input.image_url")
         data = await self._fetch(request, image_url, DETECT_MODEL, IMAGE_MAX_BYTES)
         if data is None:
-            raise ApiError(400, "InvalidParameter.InputDownloadFailed", "Failed to download input files.")
+            raise _download_failed()
         image = await self._inspect_image(data)
         problem = await self._face_problem(image, image_url)
         self.state.count_detect(image.sha256)
@@ -358,15 +365,15 @@ class _Emulator:
         fps = _video_fps(payload.get("parameters"))
         image_bytes = await self._fetch(request, image_url, VIDEO_MODEL, IMAGE_MAX_BYTES)
         audio_bytes = await self._fetch(request, audio_url, VIDEO_MODEL, AUDIO_MAX_BYTES)
-        # Format, size and length problems are 400s at submit; unreachable inputs and a missing face are only
-        # found "later" (§3): the task is queued and fails when it reaches the runner.
-        image = await self._inspect_image(image_bytes) if image_bytes is not None else None
-        audio = await self._inspect_audio(audio_bytes) if audio_bytes is not None else None
+        if image_bytes is None or audio_bytes is None:
+            raise _download_failed()  # §6's synchronous code for an input the service cannot download
+        # Format, size and length problems are 400s at submit too; a missing face is only found "later" (§3):
+        # the task is queued and fails when it reaches the runner.
+        image = await self._inspect_image(image_bytes)
+        audio = await self._inspect_audio(audio_bytes)
         media = None
         failure: tuple[str, str] | None = None
-        if image is None or audio is None or audio_bytes is None:
-            failure = ("InvalidURL", ERROR_CATALOGUE["InvalidURL"][1])
-        elif problem := await self._face_problem(image, image_url):
+        if problem := await self._face_problem(image, image_url):
             failure = ("InvalidImage.NoHumanFace", problem)
         elif self.real_video:
             thumbnail = await anyio.to_thread.run_sync(make_thumbnail, image)
@@ -375,8 +382,8 @@ class _Emulator:
             request_id=request[_REQUEST_ID],
             api_key=api_key,
             image_url=image_url,
-            image_sha256=image.sha256 if image else None,
-            audio_duration=audio.duration if audio else 0.0,
+            image_sha256=image.sha256,
+            audio_duration=audio.duration,
             media=media,
             input_failure=failure,
         )
@@ -399,7 +406,7 @@ class _Emulator:
             return self._reply(request, {"output": {"task_id": task_id, "task_status": "UNKNOWN"}})
         output: dict[str, Any] = {
             "task_id": task.task_id,
-            "task_status": task.status,
+            "task_status": self.settings.status_aliases.get(task.status, task.status),
             "submit_time": format_time(task.submitted_at),
         }
         if task.scheduled_at is not None:
@@ -410,7 +417,11 @@ class _Emulator:
             output["code"], output["message"] = task.code, task.message
         if task.status != "SUCCEEDED":
             return self._reply(request, {"output": output})
-        output["results"] = {"video_url": self.state.result_url(self._origin(request), task)}
+        url = self.state.result_url(self._origin(request), task)
+        if self.settings.result_shape == "results":
+            output["results"] = {"video_url": url}
+        elif self.settings.result_shape == "flat":
+            output["video_url"] = url
         usage = {"video_duration": round(task.audio_duration, 2), "video_ratio": "standard"}
         return self._reply(request, {"output": output, "usage": usage})
 

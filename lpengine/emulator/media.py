@@ -106,7 +106,8 @@ def inspect_image(data: bytes) -> ImageInfo:
 
 
 def inspect_audio(data: bytes, max_duration_s: float) -> AudioInfo:
-    """Apply §3's audio limits: wav/mp3 by content, < 15 MB, 1 s < duration ≤ `max_duration_s`."""
+    """Apply §3's audio limits: wav/mp3 by content, < 15 MB, 1 s < duration < `max_duration_s` (both bounds
+    exclusive, as the docs write them; the same reading as the client's local check)."""
     if len(data) >= AUDIO_MAX_BYTES:
         # The contract documents no code for an oversized audio file; the generic one is the safest guess.
         raise MediaError("InvalidParameter", "The size of audio file is beyond limit.")
@@ -121,7 +122,7 @@ def inspect_audio(data: bytes, max_duration_s: float) -> AudioInfo:
         duration = float(parser(io.BytesIO(data)).info.length)
     except (MutagenError, ValueError, ZeroDivisionError) as exc:
         raise MediaError(*_UNSUPPORTED) from exc
-    if not _AUDIO_MIN_S < duration <= max_duration_s:
+    if not _AUDIO_MIN_S < duration < max_duration_s:
         raise MediaError("InvalidFile.AudioLengthError", f"Audio length must be between 1s and {max_duration_s:g}s.")
     return AudioInfo(sha256(data), duration)
 

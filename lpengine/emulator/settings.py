@@ -229,12 +229,19 @@ class EmulatorSettings(_Model):
     task_timeout_s: Seconds = 10_800.0
     """A task with no result this long after submission ends FAILED `InternalError.Timeout` (§6: 3 h)."""
     audio_max_s: Seconds = 180.0
-    """Longest accepted audio (§3: the docs disagree between 180 s and 300 s; 180 s is the current figure)."""
+    """Audio must be shorter than this (§3: "1s < duration < 3min"; the docs disagree between 180 s and 300 s, 180 s
+    is the current figure)."""
     detector: Literal["auto", "haar", "rule", "always_pass"] = "auto"
     """How detect decides pass/fail: `auto` = `haar` when OpenCV is importable, else `rule` (docs/emulator.md)."""
     video: Literal["real", "stub"] = "real"
     """`real`: an MP4 of the still image with the submitted audio (needs PyAV, else falls back to `stub`).
     `stub`: one tiny fixed MP4 for every task (fast, for load tests)."""
+    result_shape: Literal["results", "flat", "none"] = "results"
+    """Where a SUCCEEDED answer puts the video URL: `results` = `output.results.video_url` (§4, LivePortrait),
+    `flat` = `output.video_url` (the sibling video models' shape), `none` = nowhere (a malformed answer)."""
+    status_aliases: dict[str, str] = {}
+    """`task_status` values renamed in task queries, e.g. `{"RUNNING": "PROCESSING"}`: a state the docs do not list,
+    as the service might add one."""
     faults: FaultSettings = FaultSettings()
     """Fault injection at start; replace at run time with `set_faults` or `PUT /_emulator/faults`."""
 

@@ -125,16 +125,18 @@ def parse_list_time(value: str) -> float:
 class ApiError(Exception):
     """An API answer with the flat error body `{"code","message","request_id"}` (§1)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, retry_after_s: float = 1.0) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
+        """Emulated seconds a throttled caller should wait (sent as `Retry-After` on 429s)."""
 
     @classmethod
-    def catalogued(cls, code: str, message: str | None = None) -> ApiError:
+    def catalogued(cls, code: str, message: str | None = None, *, retry_after_s: float = 1.0) -> ApiError:
         status, default = ERROR_CATALOGUE[code]
-        return cls(status, code, message or default)
+        return cls(status, code, message or default, retry_after_s=retry_after_s)
 
 
 class OssError(Exception):
@@ -269,6 +271,10 @@ class _TokenBucket:
             return True
         return False
 
+    def refill_s(self) -> float:
+        """Emulated seconds until the next token (after a refused `take`)."""
+        return (1.0 - self._tokens) / self._rate
+
 
 class _RampGuard:
     """`Throttling.BurstRate` model: in each whole emulated second a family may take at most
@@ -362,17 +368,18 @@ class EmulatorState:
     def count_throttled(self, endpoint: Endpoint) -> None:
         self._stats.throttled[endpoint] += 1
 
-    def admit(self, family: Family, bucket_key: str) -> str | None:
-        """Spend one request of the family's quota; the 429 code if there is none left (§7)."""
+    def admit(self, family: Family, bucket_key: str) -> ApiError | None:
+        """Spend one request of the family's quota; the 429 if there is none left (§7), with the time until there
+        is (the service documents no `Retry-After`; the emulator sends one so that clients can be tested on it)."""
         now = self.now()
         qps = self._qps[family]
         if self.settings.burst_protection:
             ramp = self._ramps.setdefault(bucket_key, _RampGuard(qps))
             if not ramp.allows(now):
-                return "Throttling.BurstRate"
+                return ApiError.catalogued("Throttling.BurstRate", retry_after_s=math.floor(now) + 1.0 - now)
         bucket = self._buckets.setdefault(bucket_key, _TokenBucket(qps, now))
         if not bucket.take(now):
-            return "Throttling.RateQuota"
+            return ApiError.catalogued("Throttling.RateQuota", retry_after_s=bucket.refill_s())
         if self.settings.burst_protection:
             self._ramps[bucket_key].record()
         return None

@@ -10,7 +10,6 @@ import io
 import itertools
 import math
 import re
-import socket
 import sys
 import uuid
 import wave
@@ -109,14 +108,6 @@ async def files(media_dir: Path) -> AsyncIterator[str]:
     port = runner.addresses[0][1]
     yield f"http://127.0.0.1:{port}"
     await runner.cleanup()
-
-
-@pytest.fixture
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/gone.png"
 
 
 # --- the emulator and a raw client ------------------------------------------------------------------------------
@@ -399,18 +390,33 @@ async def test_submit_validation_errors(roomy: Api, files: str) -> None:
     assert (status, body["code"]) == (404, "ModelNotFound")
 
 
-async def test_input_problems_found_later_fail_the_task(api: Api, files: str, closed_port_url: str) -> None:
-    """§3: unreachable inputs end FAILED InvalidURL and a face-less image FAILED InvalidImage.NoHumanFace."""
-    unreachable = await api.submit_ok(closed_port_url, f"{files}/voice.wav")
-    no_audio = await api.submit_ok(f"{files}/portrait-0001.jpg", f"{files}/nowhere.wav")
+async def test_unreachable_inputs_are_refused_at_submit(
+    api: Api, emu: RunningEmulator, files: str, closed_port_url: str
+) -> None:
+    """§6: an image or audio URL the service cannot download is a synchronous 400 InputDownloadFailed; no task."""
+    for image, audio in (
+        (closed_port_url, f"{files}/voice.wav"),
+        (f"{files}/portrait-0001.jpg", f"{files}/nowhere.wav"),
+    ):
+        status, body = await api.submit(image, audio)
+        assert (status, body["code"], body["message"]) == (
+            400,
+            "InvalidParameter.InputDownloadFailed",
+            "Failed to download input files.",
+        )
+        emu.advance(1.0)  # submit allows 5 per second
+    assert emu.stats().tasks_by_status == {}
+
+
+async def test_a_missing_face_is_found_later_and_fails_the_task(api: Api, files: str) -> None:
+    """§3: a face-less image is accepted at submit and ends FAILED InvalidImage.NoHumanFace, without running."""
     no_face = await api.submit_ok(f"{files}/noface-coffee.jpg", f"{files}/voice.wav")
-    for task_id, code in ((unreachable, "InvalidURL"), (no_audio, "InvalidURL"), (no_face, "InvalidImage.NoHumanFace")):
-        body = await api.task(task_id)
-        assert body["output"]["task_status"] == "FAILED"
-        assert body["output"]["code"] == code
-        assert body["output"]["message"]
-        assert body["output"]["scheduled_time"] == body["output"]["end_time"]  # never ran
-        assert "usage" not in body
+    body = await api.task(no_face)
+    assert body["output"]["task_status"] == "FAILED"
+    assert body["output"]["code"] == "InvalidImage.NoHumanFace"
+    assert body["output"]["message"]
+    assert body["output"]["scheduled_time"] == body["output"]["end_time"]  # never ran
+    assert "usage" not in body
 
 
 async def test_cancel_only_while_pending(api: Api, files: str, emu: RunningEmulator) -> None:
