@@ -22,6 +22,7 @@ __all__ = [
     "NetworkError",
     "QuotaError",
     "RateLimitedError",
+    "ResultMissingError",
     "ServerError",
     "StorageError",
 ]
@@ -125,6 +126,20 @@ class ServerError(ApiError):
     """5xx from the service: transient by the docs' own advice ("try again later")."""
 
     retryable = True
+
+
+class ResultMissingError(LPEngineError):
+    """A task SUCCEEDED but its answer holds no video URL in any shape the client knows.
+
+    Not retryable: the task was paid, and a new one would be paid again for an answer that may read the same.
+    """
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"task {task_id} succeeded without a video URL (neither output.results.video_url nor output.video_url);"
+            " not submitted again: look the task up in the Model Studio console"
+        )
 
 
 class AmbiguousSubmitError(LPEngineError):

@@ -571,8 +571,10 @@ def _audio_duration(path: Path, data: bytes, fmt: str) -> float:
 def inspect_audio(path: Path, *, max_seconds: float = AUDIO_MAX_SECONDS) -> AudioInfo:
     """Check a voice track against the synthesis API's limits (§3), then describe it.
 
-    Duration rule, exactly as documented: 1 s < duration, and at most `max_seconds` (180 s by default, the
-    current doc's "< 3 min"; a clip of exactly 180.0 s is accepted, one of exactly 1.0 s is refused).
+    Duration rule, as the current docs write it: 1 s < duration < `max_seconds` (180 s by default, "< 3 min"). Both
+    bounds are exclusive, so clips of exactly 1.0 s and of exactly 180.0 s are refused: the error text ("between
+    1s and 180s") could also be read inclusively, and refusing here costs nothing while a refusal at submit comes
+    after the paid detect.
     """
     if not max_seconds > AUDIO_MIN_SECONDS:
         raise ValueError(f"max_seconds must be greater than {AUDIO_MIN_SECONDS}, got {max_seconds!r}")
@@ -592,10 +594,10 @@ def inspect_audio(path: Path, *, max_seconds: float = AUDIO_MAX_SECONDS) -> Audi
             path,
             f"is {duration:.2f} s long; audio must be longer than {AUDIO_MIN_SECONDS:g} s — use a longer clip",
         )
-    if duration > max_seconds:
+    if duration >= max_seconds:
         raise MediaError(
             path,
-            f"is {duration:.1f} s long; audio may be at most {max_seconds:g} s — trim it or split it into parts",
+            f"is {duration:.1f} s long; audio must be shorter than {max_seconds:g} s — trim it or split it into parts",
         )
     content_type, suffix = _AUDIO_FORMATS[fmt]
     return AudioInfo(

@@ -5,9 +5,11 @@ Pacing, bounded retries and the no-blind-resubmit rule live here so that no stag
 
 from __future__ import annotations
 
+import email.utils
 import json
 import mimetypes
 import re
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -84,6 +86,19 @@ def classify_error(status: int, body: dict[str, Any] | None, text: str = "") -> 
     return ApiError(code, message, **kwargs)
 
 
+def retry_after_s(value: str | None, *, now: float | None = None) -> float | None:
+    """A `Retry-After` header (RFC 9110 §10.2.3) as seconds to wait: delta-seconds, or an HTTP date (against
+    `now`, epoch seconds, default the wall clock). None when absent or unreadable: then only the backoff applies."""
+    value = (value or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
 def _needs_resolve(*urls: str) -> bool:
     return any(u.startswith("oss://") for u in urls)
 
@@ -101,6 +116,7 @@ class DashScopeClient:
     ) -> None:
         self._config = config
         self._key = api_key
+        self._speedup = speedup
         self.base_url = (base_url or config.base_url).rstrip("/")
         rl = config.rate_limits
         self.budget = EndpointBudget(
@@ -203,6 +219,11 @@ class DashScopeClient:
                 err = classify_error(resp.status, body if isinstance(body, dict) else None, text)
                 if isinstance(err, RateLimitedError):
                     meter.on_throttled()
+                if isinstance(err, RateLimitedError | ServerError):
+                    wait = retry_after_s(resp.headers.get("Retry-After"))
+                    if wait:
+                        # service seconds (the emulator's run `speedup` times faster); never beyond the retry budget
+                        meter.hold(min(wait / self._speedup, self._config.retry.total_timeout_s))
                 raise err
             meter.on_success()
             return body

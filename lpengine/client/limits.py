@@ -60,6 +60,10 @@ class RateMeter:
         self._throttled += 1
         self._interval = min(self._interval * 2, self._base_interval * self._MAX_SLOWDOWN)
 
+    def hold(self, seconds: float) -> None:
+        """The service asked for a pause (`Retry-After`): no request of this family leaves before it is over."""
+        self._next = max(self._next, asyncio.get_running_loop().time() + seconds)
+
     def on_success(self) -> None:
         if self._interval > self._base_interval:
             self._interval = max(self._base_interval, self._interval * 0.95)

@@ -9,7 +9,12 @@ from typing import Any
 
 
 class TaskStatus(enum.StrEnum):
-    """`task_status` values (§4). SUSPENDED appears only in the SDK's enum; it is treated as still running."""
+    """`task_status` values (§4). SUSPENDED appears only in the SDK's enum; it is treated as still running.
+
+    A value the docs do not list reads as UNRECOGNISED, which is not terminal: the service may add a state, and
+    reading it as UNKNOWN ("the task is gone") would submit the item again and pay twice. Only the literal UNKNOWN
+    means gone (§4: it is also the documented answer for a task id the service does not know).
+    """
 
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -18,6 +23,7 @@ class TaskStatus(enum.StrEnum):
     CANCELED = "CANCELED"
     UNKNOWN = "UNKNOWN"
     SUSPENDED = "SUSPENDED"
+    UNRECOGNISED = "UNRECOGNISED"
 
     @property
     def terminal(self) -> bool:
@@ -28,7 +34,7 @@ class TaskStatus(enum.StrEnum):
         try:
             return cls(str(value))
         except ValueError:
-            return cls.UNKNOWN
+            return cls.UNRECOGNISED
 
 
 _TERMINAL = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELED, TaskStatus.UNKNOWN})
@@ -68,6 +74,8 @@ class TaskInfo:
 
     task_id: str
     status: TaskStatus
+    raw_status: str = ""
+    """`task_status` as the service spelled it (what an UNRECOGNISED status really said)."""
     submit_time: datetime | None = None
     scheduled_time: datetime | None = None
     end_time: datetime | None = None
@@ -81,15 +89,18 @@ class TaskInfo:
     def from_body(cls, task_id: str, body: dict[str, Any]) -> TaskInfo:
         out = body.get("output") or {}
         results = out.get("results") or {}
+        # §4's `output.results.video_url`, or the flat `output.video_url` of the sibling video models (EMO, Wan)
+        video_url = (results.get("video_url") if isinstance(results, dict) else None) or out.get("video_url")
         usage = body.get("usage") or {}
         duration = usage.get("video_duration")
         return cls(
             task_id=str(out.get("task_id") or task_id),
             status=TaskStatus.parse(out.get("task_status")),
+            raw_status=str(out.get("task_status")),
             submit_time=parse_service_time(out.get("submit_time")),
             scheduled_time=parse_service_time(out.get("scheduled_time")),
             end_time=parse_service_time(out.get("end_time")),
-            video_url=results.get("video_url") if isinstance(results, dict) else None,
+            video_url=video_url if isinstance(video_url, str) and video_url else None,
             video_duration=float(duration) if isinstance(duration, int | float) else None,
             code=out.get("code"),
             message=out.get("message"),

@@ -153,6 +153,20 @@ def describe(error: BaseException) -> str:
     return f"{error.__class__.__name__}: {error}"
 
 
+INPUT_DOWNLOAD_FAILED = "InvalidParameter.InputDownloadFailed"
+"""§6: the service could not download an input URL (a synchronous 400 at detect and at submit)."""
+
+
+def undownloadable(**urls: str) -> str:
+    """The reason an item gets when the service could not fetch its inputs: the URLs (without their query, which
+    may hold a signature) and what usually causes it, rather than the service's bare "Failed to download input
+    files." (which does not say which file)."""
+    shown = " or ".join(f"the {what} {url.split('?', 1)[0]}" for what, url in urls.items())
+    return (
+        f"the service could not download {shown}: is the bucket private / the link expired? ({INPUT_DOWNLOAD_FAILED})"
+    )
+
+
 _PERSISTED = (
     "detect_message",
     "detect_paid",

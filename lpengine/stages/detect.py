@@ -12,7 +12,7 @@ import time
 
 from lpengine.errors import ApiError, AuthError, LPEngineError, QuotaError
 from lpengine.models import Item, ItemState, Stage
-from lpengine.stages.context import StageContext
+from lpengine.stages.context import INPUT_DOWNLOAD_FAILED, StageContext, undownloadable
 from lpengine.storage.base import DETECT_MODEL
 
 LOST_VERDICT = "detect answer lost in an interrupted run; not repeated (no double charge), synthesis checks the face"
@@ -34,6 +34,10 @@ async def detect(ctx: StageContext, item: Item) -> None:
                 raise  # account-level: the whole batch stops
             except ApiError as exc:
                 await ctx.store.forget_detect(key)  # an error answer is not billed (no usage)
+                if exc.code == INPUT_DOWNLOAD_FAILED:  # a re-run tries again, once the URL is readable
+                    url = item.image_urls[DETECT_MODEL].url
+                    item.finish(ItemState.DETECT_FAILED, undownloadable(image=url), transient=True)
+                    return
                 item.finish(
                     ItemState.DETECT_FAILED,
                     f"detect refused the image: {exc.code}: {exc.message}",

@@ -26,7 +26,7 @@ from types import TracebackType
 import anyio
 
 from lpengine.client.wire import TaskInfo, TaskStatus
-from lpengine.errors import AuthError, LPEngineError, QuotaError
+from lpengine.errors import AuthError, LPEngineError, QuotaError, ResultMissingError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages.context import StageContext
 
@@ -53,6 +53,8 @@ class Tracked:
     in_hand: bool = False
     poll_now: bool = False
     """Resumed from an earlier run: its real submit time is unknown, so look at it at once."""
+    odd_status_logged: bool = False
+    """An UNRECOGNISED status of this task was logged (once per task is enough to notice a contract change)."""
 
 
 @dataclass
@@ -268,7 +270,7 @@ class PollScheduler:
             margin = max(self.min_interval_s / self.speedup, 0.04 * run_local)
             due = end + margin
             if t.polls:
-                if t.status is TaskStatus.RUNNING and due <= now:
+                if t.status in _RUNNING_LIKE and due <= now:
                     # ran longer than predicted: step in fractions of its run time, not in fixed ticks
                     due = now + max(self.min_interval_s / self.speedup, 0.15 * run_local)
                 due = max(due, t.last_poll_local + self.min_interval_s / self.speedup)
@@ -297,6 +299,9 @@ class _Producer:
 
 
 # -- what a poll worker does with one due task ------------------------------------------------------------------
+
+_RUNNING_LIKE = frozenset({TaskStatus.RUNNING, TaskStatus.UNRECOGNISED})
+"""Statuses stepped through like a run that overran: an unknown state most likely means the task is being worked on."""
 
 _RETRYABLE_TASK_PREFIXES = ("InternalError", "SystemError", "ModelServiceFailed", "ModelServingError")
 
@@ -328,6 +333,9 @@ async def poll_once(ctx: StageContext, scheduler: PollScheduler, t: Tracked) -> 
         ctx.emit(item, "poll.error", level="warning", error=str(exc))
         scheduler.report_error(t)
         return None
+    if info.status is TaskStatus.UNRECOGNISED and not t.odd_status_logged:
+        t.odd_status_logged = True
+        ctx.emit(item, "task.status_unrecognised", level="warning", status=info.raw_status, treated_as="running")
     if not scheduler.report(t, info):
         return None
     item.timings["poll"] = anyio.current_time() - t.submitted_local
@@ -335,6 +343,9 @@ async def poll_once(ctx: StageContext, scheduler: PollScheduler, t: Tracked) -> 
     if info.status is TaskStatus.SUCCEEDED:
         # Not saved here: the download's write-ahead save follows and records the URL. A crash in between costs
         # one more query on the re-run (the task still answers with its URL), not a save per item on every run.
+        if info.video_url is None:
+            item.finish(ItemState.TASK_FAILED, str(ResultMissingError(item.task_id)))
+            return item
         item.video_url = info.video_url
         item.video_duration = info.video_duration
         return item

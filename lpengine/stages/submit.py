@@ -23,7 +23,7 @@ import time
 from lpengine.client.wire import TaskListEntry
 from lpengine.errors import AmbiguousSubmitError, ApiError, AuthError, LPEngineError, QuotaError
 from lpengine.models import Item, ItemState, Stage
-from lpengine.stages.context import StageContext
+from lpengine.stages.context import INPUT_DOWNLOAD_FAILED, StageContext, undownloadable
 from lpengine.storage.base import SYNTHESIS_MODEL
 
 _MAX_LIST_PAGES = 50
@@ -51,10 +51,9 @@ async def _submit_locked(ctx: StageContext, item: Item) -> None:
         item.submit_attempts += 1
         item.submit_inflight_wall = time.time()
         await ctx.save(item)  # write-ahead: a crash from here on is reconciled, never blindly resent
+        image_url, audio_url = item.image_urls[SYNTHESIS_MODEL].url, item.audio_urls[SYNTHESIS_MODEL].url
         try:
-            result = await ctx.api.submit(
-                item.image_urls[SYNTHESIS_MODEL].url, item.audio_urls[SYNTHESIS_MODEL].url, item.spec.params
-            )
+            result = await ctx.api.submit(image_url, audio_url, item.spec.params)
         except AmbiguousSubmitError as exc:
             ctx.emit(item, "submit.ambiguous", level="warning", error=str(exc))
             await _adopt_or_clear(ctx, item)
@@ -63,6 +62,9 @@ async def _submit_locked(ctx: StageContext, item: Item) -> None:
             raise
         except ApiError as exc:
             item.submit_inflight_wall = None
+            if exc.code == INPUT_DOWNLOAD_FAILED:  # refused before any task existed: a re-run may try again
+                item.finish(ItemState.SUBMIT_FAILED, undownloadable(image=image_url, audio=audio_url), transient=True)
+                break
             item.finish(
                 ItemState.SUBMIT_FAILED,
                 f"the service refused the task: {exc.code}: {exc.message}",

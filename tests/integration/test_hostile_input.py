@@ -93,7 +93,7 @@ def bad_audio(folder: Path) -> dict[str, tuple[Path, str]]:
     struct.pack_into("<I", broken, 40, 10 * len(broken))  # the data chunk promises more than the file has
     files = {
         "short": (folder / "short.wav", wav(0.5), "is 0.50 s long; audio must be longer than 1 s"),
-        "long": (folder / "long.wav", wav(181.0), "is 181.0 s long; audio may be at most 180 s"),
+        "long": (folder / "long.wav", wav(181.0), "is 181.0 s long; audio must be shorter than 180 s"),
         "text-mp3": (folder / "lyrics.mp3", b"These are the lyrics, not the song.\n" * 20, "text (not audio at all)"),
         "broken-wav": (folder / "broken.wav", bytes(broken), "is a broken WAV"),
     }

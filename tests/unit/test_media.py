@@ -537,7 +537,8 @@ def test_good_mp3_even_when_misnamed(tmp_path: Path, id3: bool) -> None:
         ({"seconds": 1.0}, False),  # "1s < duration": exactly 1 s is refused
         ({"seconds": 0, "frames": 8001}, True),  # one frame more is fine
         ({"seconds": 2.0}, True),
-        ({"seconds": 180.0}, True),  # the 180 s recommendation is inclusive
+        ({"seconds": 0, "frames": 180 * 8000 - 1}, True),  # just under 3 min
+        ({"seconds": 180.0}, False),  # "duration < 3min": exactly 180 s is refused, like exactly 1 s
         ({"seconds": 0, "frames": 180 * 8000 + 1}, False),
         ({"seconds": 181.0}, False),
     ],
@@ -548,13 +549,13 @@ def test_duration_limits(tmp_path: Path, kwargs: dict[str, float], ok: bool) -> 
         assert inspect_audio(path).duration_s > 1.0
     else:
         reason = reason_of(lambda: inspect_audio(path))
-        assert "longer than 1 s" in reason or "at most 180 s" in reason
+        assert "longer than 1 s" in reason or "shorter than 180 s" in reason
 
 
 def test_max_seconds_is_configurable(tmp_path: Path) -> None:
     path = write_wav(tmp_path / "long.wav", 181.0)
     assert inspect_audio(path, max_seconds=300.0).duration_s == pytest.approx(181.0)
-    assert "at most 60 s" in reason_of(lambda: inspect_audio(write_wav(tmp_path / "b.wav", 61), max_seconds=60))
+    assert "shorter than 60 s" in reason_of(lambda: inspect_audio(write_wav(tmp_path / "b.wav", 61), max_seconds=60))
     with pytest.raises(ValueError):
         inspect_audio(path, max_seconds=1.0)
 
