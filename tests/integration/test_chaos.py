@@ -287,6 +287,18 @@ async def test_lost_submit_responses_are_adopted_never_paid_twice(
     assert_clean_output(config, 5)
 
 
+async def foreign_tasks(client: DashScopeClient, image: Path, n: int) -> str:
+    """Submit `n` tasks of someone else on the account (another program, the console); returns their image's sha.
+    Their inputs are temporary uploads the service can fetch, the image named `noface-*`: the rule detector finds
+    no face, so each task fails at once (InvalidImage.NoHumanFace) without taking the runner's time."""
+    urls = []
+    for path, name in ((image, "noface-foreign.png"), (VOICE, "voice.wav")):
+        urls.append(await client.upload_temp(await client.get_upload_policy("liveportrait"), path, name))
+    for _ in range(n):
+        await client.submit(urls[0], urls[1], VideoParams())
+    return sha(image)
+
+
 async def test_reconciling_reads_only_the_recent_task_list_not_the_whole_day(
     tmp_path: Path, portraits: list[Path], emulator: RunningEmulator, fast_retries: None
 ) -> None:
@@ -295,8 +307,7 @@ async def test_reconciling_reads_only_the_recent_task_list_not_the_whole_day(
     account's history."""
     foreign_api = ApiConfig(retry=RetryConfig(attempts=1))
     async with DashScopeClient(foreign_api, SecretStr(KEY), base_url=emulator.base_url, speedup=SPEEDUP) as client:
-        for i in range(250):  # other work on the account earlier today (unreachable inputs: they fail at once)
-            await client.submit(f"http://127.0.0.1:9/other-{i}.jpg", "http://127.0.0.1:9/a.wav", VideoParams())
+        foreign = await foreign_tasks(client, portraits[-1], 250)  # other work on the account earlier today
     emulator.advance(3000)
     images = portraits[:5]
     emulator.set_faults(
@@ -311,6 +322,7 @@ async def test_reconciling_reads_only_the_recent_task_list_not_the_whole_day(
     stats = emulator.stats()
     assert stats.faults["lose_submit_response"] == 3
     assert stats.requests["list"] == 3  # one page each, although the day's list has 3 pages
+    assert stats.submissions_per_image.pop(foreign) == 250
     assert set(stats.submissions_per_image.values()) == {1}
 
 
@@ -323,7 +335,7 @@ async def test_ambiguous_lost_submit_is_retried_by_the_rerun_not_abandoned(
     first, *others = portraits[:3]
     foreign_api = ApiConfig(retry=RetryConfig(attempts=1))
     async with DashScopeClient(foreign_api, SecretStr(KEY), base_url=emulator.base_url) as client:
-        await client.submit("http://127.0.0.1:9/someone-else.jpg", "http://127.0.0.1:9/a.wav", VideoParams())
+        foreign = await foreign_tasks(client, portraits[-1], 1)
     emulator.advance(3000)  # the foreign task is well older than anything the batch sends
     emulator.set_faults(FaultSettings(rules=[FaultRule(match=sha(first), action="lose_submit_response", times=1)]))
     config = make_config(tmp_path, [first, *others], emulator.base_url)
@@ -341,6 +353,7 @@ async def test_ambiguous_lost_submit_is_retried_by_the_rerun_not_abandoned(
     assert again.by_name[first.name].submit_attempts == 1
     stats = emulator.stats()
     assert stats.requests["submit"] == 1 + 3  # the foreign one and one per item: nothing resent
+    assert stats.submissions_per_image.pop(foreign) == 1
     assert set(stats.submissions_per_image.values()) == {1}
     assert_clean_output(config, 3)
 
