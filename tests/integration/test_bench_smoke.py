@@ -96,6 +96,14 @@ async def test_cpu_floor_comparison_runs_on_url_inputs(tmp_path: Path) -> None:
     manifest = (tmp_path / "manifest.csv").read_text(encoding="utf-8")
     assert manifest.count("http://127.0.0.1:") == 80  # image and audio of every row are URLs
     assert all(math.isfinite(m["batch_cpu_ms_per_item"]) for m in (bare, lpengine))
+    # each client's CPU against the floor of the same run (the target: lpengine ≤ 2× bare), printed in the table
+    assert bare["cpu_vs_bare"] == 1.0
+    assert lpengine["cpu_vs_bare"] == pytest.approx(lpengine["cpu_ms_per_item"] / bare["cpu_ms_per_item"])
+    assert math.isfinite(lpengine["batch_cpu_vs_bare"])
+    row = bench.table(report["results"], instant=True).splitlines()[3]
+    assert row.startswith("| lpengine |") and row.endswith(
+        f"| {lpengine['cpu_vs_bare']:.2f} / {lpengine['batch_cpu_vs_bare']:.2f} |"
+    )
 
 
 def test_state_store_replay_reports_its_figure(tmp_path: Path) -> None:
