@@ -37,6 +37,7 @@ from lpengine.errors import (
     QuotaError,
     RateLimitedError,
     ServerError,
+    StateStoreError,
     StorageError,
 )
 from lpengine.models import ItemResult, ItemState, RunReport
@@ -75,6 +76,7 @@ __all__ = [
     "S3StorageConfig",
     "ServerError",
     "StateConfig",
+    "StateStoreError",
     "StorageError",
     "UrlStorageConfig",
     "VideoParams",

@@ -21,13 +21,14 @@ import stamina
 import typer
 
 from lpengine import logs
-from lpengine.config import BatchConfig, load_config
+from lpengine.config import BatchConfig, Secrets, load_config, load_secrets
 from lpengine.engine import DryRunReport, Engine
 from lpengine.errors import AuthError, BatchLockedError, ConfigError, LPEngineError, QuotaError, StorageError
 from lpengine.models import ItemSpec, ItemState, RunReport
 from lpengine.plan import PlanProblem, iter_plan
 from lpengine.preset_commands import app as presets_app
 from lpengine.progress import JsonProgress, ProgressState, TtyProgress
+from lpengine.state import open_store, state_url, state_where, upgrade_schema
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -353,13 +354,12 @@ def status(
     Example: lpengine status configs/batch.yaml --json
     """
     cfg = _load(config, output, presets)
-    if not cfg.state_path.exists():
-        raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
-    summary = _run_async(lambda: _status(cfg))
+    secrets = _state_secrets(cfg)
+    summary = _state_command(lambda: _status(cfg, secrets))
     if as_json:
         typer.echo(json.dumps(summary, ensure_ascii=False))
         return
-    typer.echo(f"batch state {cfg.state_path}")
+    typer.echo(f"batch state {state_where(cfg, secrets)}")
     typer.echo(f"  items known            {summary['items']}")
     for state, n in sorted(summary["finished"].items()):
         typer.echo(f"  {state:<22} {n}")
@@ -368,13 +368,11 @@ def status(
     typer.echo(f"  tasks at the service   {summary['tasks_outstanding']}")
 
 
-async def _status(cfg: BatchConfig) -> dict[str, Any]:
-    from lpengine.state.store import SqliteStateStore
-
+async def _status(cfg: BatchConfig, secrets: Secrets) -> dict[str, Any]:
     finished: dict[str, int] = {}
     in_progress: dict[str, int] = {}
     outstanding = total = 0
-    async with SqliteStateStore(cfg.state_path) as store:
+    async with open_store(cfg, secrets) as store:
         async for row in store.items():
             total += 1
             if row.state and not row.data.get("transient"):
@@ -385,6 +383,22 @@ async def _status(cfg: BatchConfig) -> dict[str, Any]:
     return {"items": total, "finished": finished, "in_progress": in_progress, "tasks_outstanding": outstanding}
 
 
+def _state_secrets(cfg: BatchConfig) -> Secrets:
+    """The environment's secrets, after checking there is a state to read (a SQLite file that was never written is
+    not created by a read-only command)."""
+    secrets = load_secrets(cfg.base_dir)
+    if state_url(cfg, secrets) is None and not cfg.state_path.exists():
+        raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
+    return secrets
+
+
+def _state_command(main: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return _run_async(main)
+    except LPEngineError as exc:
+        raise _fail([str(exc)], EXIT_CONFIG) from None
+
+
 @app.command()
 def report(config: ConfigArg, output: OutputOpt = None, presets: PresetsOpt = None) -> None:
     """Rebuild report.json, report.csv and report.html from the state store, without calling the API.
@@ -392,20 +406,18 @@ def report(config: ConfigArg, output: OutputOpt = None, presets: PresetsOpt = No
     Example: lpengine report configs/batch.yaml
     """
     cfg = _load(config, output, presets)
-    if not cfg.state_path.exists():
-        raise _fail([f"no state yet at {cfg.state_path}: this batch has not run"], EXIT_FAILED)
-    rebuilt = _run_async(lambda: _rebuild(cfg))
+    secrets = _state_secrets(cfg)
+    rebuilt = _state_command(lambda: _rebuild(cfg, secrets))
     typer.echo(f"{len(rebuilt.items)} item(s): report.json, report.csv, report.html written to {cfg.output_dir}")
 
 
-async def _rebuild(cfg: BatchConfig) -> RunReport:
+async def _rebuild(cfg: BatchConfig, secrets: Secrets) -> RunReport:
     """The rows go through a spool file as in a run, so a 100k-item rebuild holds none of them in memory."""
     from lpengine.reports import result_from_state, write_reports
     from lpengine.reports.spool import ResultSpool, spool_dir
-    from lpengine.state.store import SqliteStateStore
 
     pricing = cfg.pricing
-    async with SqliteStateStore(cfg.state_path) as store:
+    async with open_store(cfg, secrets) as store:
         spool = await anyio.to_thread.run_sync(ResultSpool.create, spool_dir(cfg.state_path))
         try:
             async for row in store.items():
@@ -493,3 +505,17 @@ def serve(
         _run_async(lambda: serve_forever(settings))
     except ConfigError as exc:
         raise _fail(exc.problems, EXIT_CONFIG) from None
+
+
+db_app = typer.Typer(help="The shared PostgreSQL state database (docs/scaling.md).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigArg) -> None:
+    """Create or upgrade lpengine's tables in the configured PostgreSQL database (safe to run again, from any host).
+
+    Example: LPENGINE_STATE_URL=postgresql://lpengine@db/lpengine lpengine db upgrade configs/batch.yaml
+    """
+    cfg = _load(config)
+    typer.echo(_state_command(lambda: upgrade_schema(cfg, load_secrets(cfg.base_dir))))

@@ -285,6 +285,13 @@ class StateConfig(_Model):
 
     path: Path | None = None
     """SQLite state store; default `<output.dir>/.lpengine/state.db`."""
+    url: Annotated[str, Field(pattern=r"^postgres(ql)?://")] | None = None
+    """PostgreSQL instead of SQLite (`postgresql://user@host:5432/db`), for several workers on one batch
+    (docs/scaling.md). `LPENGINE_STATE_URL` overrides it; keep the password in that variable, `PGPASSWORD` or
+    `~/.pgpass`, not in this file. Create or upgrade the tables with `lpengine db upgrade CONFIG`."""
+    batch: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    """The batch's name in a shared database; default: the output folder's absolute path. Workers on several
+    hosts must give the same name."""
     max_submit_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     """How many times one item may be submitted in total (retryable task failures, expired tasks)."""
 
@@ -372,6 +379,8 @@ class Secrets(BaseModel):
     api_key: SecretStr | None = None
     oss_access_key_id: SecretStr | None = None
     oss_access_key_secret: SecretStr | None = None
+    state_url: SecretStr | None = None
+    """`LPENGINE_STATE_URL`: a PostgreSQL URL that may carry a password."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,6 +415,7 @@ def load_secrets(config_dir: Path | None = None) -> Secrets:
         api_key=pick("DASHSCOPE_API_KEY"),
         oss_access_key_id=pick("OSS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
         oss_access_key_secret=pick("OSS_ACCESS_KEY_SECRET", "AWS_SECRET_ACCESS_KEY"),
+        state_url=pick("LPENGINE_STATE_URL"),
     )
 
 

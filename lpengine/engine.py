@@ -44,8 +44,7 @@ from lpengine.reports import write_reports
 from lpengine.reports.spool import ResultSpool, spool_dir
 from lpengine.stages.context import ProgressEvent, StageContext
 from lpengine.stages.upload import load_audio, prepare
-from lpengine.state.lock import BatchLock
-from lpengine.state.store import SqliteStateStore
+from lpengine.state import BatchLock, open_store, state_secrets
 from lpengine.storage import open_storage
 from lpengine.storage.base import Storage
 
@@ -145,6 +144,8 @@ class Engine:
             # Holding the lock, nobody else writes here: partial downloads of a killed run can go.
             for stale in await anyio.to_thread.run_sync(lambda: list(out.glob(".*.part"))):
                 await anyio.Path(stale).unlink(missing_ok=True)
+        # Before anything that could reach DashScope: an unusable state database stops the run with nothing sent.
+        store = await stack.enter_async_context(open_store(config, self._secrets, exclusive=self._lock))
         base_url, api_key = config.api.base_url, self._secrets.api_key
         if config.api.emulator is not None:
             from lpengine.emulator import EmulatorSettings, run_emulator
@@ -173,6 +174,7 @@ class Engine:
             )
         redactor = Redactor(
             [s.get_secret_value() for s in (api_key, self._secrets.oss_access_key_secret) if s is not None]
+            + state_secrets(config, self._secrets)
         )
         log = BatchLog(out / f"lpengine-{time.strftime('%Y%m%d-%H%M%S')}.jsonl", redactor)
         stack.callback(log.close)
@@ -180,7 +182,6 @@ class Engine:
             DashScopeClient(config.api, api_key, base_url=base_url, speedup=config.speedup)
         )
         storage: Storage = await stack.enter_async_context(open_storage(config, client, self._secrets))
-        store = await stack.enter_async_context(SqliteStateStore(config.state_path))
         self._ctx = StageContext(
             config=config,
             client=client,

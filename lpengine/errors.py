@@ -24,6 +24,7 @@ __all__ = [
     "RateLimitedError",
     "ResultMissingError",
     "ServerError",
+    "StateStoreError",
     "StorageError",
 ]
 
@@ -56,6 +57,21 @@ class InputRejectedError(LPEngineError):
 
 class StorageError(LPEngineError):
     """Publishing a file where the API can fetch it failed."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self._retryable = retryable
+
+    @property
+    def is_retryable(self) -> bool:
+        return self._retryable
+
+
+class StateStoreError(LPEngineError):
+    """The state database cannot be used (unreachable, refused login, missing or older schema); nothing was sent.
+
+    Messages name the host and database, never the password. Retrying helps only when the server was unreachable.
+    """
 
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)

@@ -114,7 +114,7 @@ class Item:
     """Restored already finished, with nothing about it changed: the store holds all there is to say, so the
     item is not saved again (a cron re-run of a finished 100k batch would otherwise commit 100k times)."""
     image_stamp: tuple[int, int, int, int] | None = None
-    """The image file's stat stamp taken just before this run read and checked it (`state.store.FileStamp`)."""
+    """The image file's stat stamp taken just before this run read and checked it (`state.base.FileStamp`)."""
 
     def finish(self, state: ItemState, reason: str = "", *, transient: bool = False) -> Item:
         """End the item. `transient` outcomes (network trouble, retryable task codes) are retried by a re-run;

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import stamina
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.s3server", "tests.pg"]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from lpengine.config import BatchConfig
 from lpengine.locks import KeyedLocks
 from lpengine.logs import BatchLog
 from lpengine.models import Item, ItemState, Stage
-from lpengine.state.store import SqliteStateStore
+from lpengine.state.base import StateStore
 from lpengine.storage.base import LocalFile, Storage
 
 current_item: contextvars.ContextVar[Item | None] = contextvars.ContextVar("lpengine_current_item", default=None)
@@ -48,7 +48,7 @@ class StageContext:
     config: BatchConfig
     client: DashScopeClient | None
     storage: Storage
-    store: SqliteStateStore
+    store: StateStore
     log: BatchLog
     on_event: Callable[[ProgressEvent], None] | None = None
     url_lifetime: timedelta = timedelta(hours=2)

@@ -21,7 +21,7 @@ from lpengine.errors import InputRejectedError, StorageError
 from lpengine.media import INLINE_IO_BYTES, inspect_audio, inspect_image
 from lpengine.models import Item, ItemState, Stage, item_identity
 from lpengine.stages.context import AudioTrack, StageContext, restore_item
-from lpengine.state.store import FileStamp, StoredItem, StoredUpload, file_stamp
+from lpengine.state.base import FileStamp, StoredItem, StoredUpload, file_stamp
 from lpengine.storage.base import DETECT_MODEL, SYNTHESIS_MODEL, LocalFile, Published
 
 MODELS = (DETECT_MODEL, SYNTHESIS_MODEL)

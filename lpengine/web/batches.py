@@ -33,7 +33,7 @@ from lpengine.models import ItemState, RunReport
 from lpengine.progress import ProgressState
 from lpengine.reports import result_from_state
 from lpengine.stages.context import ProgressEvent
-from lpengine.state.store import SqliteStateStore
+from lpengine.state import SqliteStateStore
 from lpengine.web.uploads import Intake
 
 __all__ = ["BATCH_ID", "STATES", "BatchManager", "EngineOpener"]

@@ -106,11 +106,13 @@ async def test_cpu_floor_comparison_runs_on_url_inputs(tmp_path: Path) -> None:
     )
 
 
-def test_state_store_replay_reports_its_figure(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_state_store_replay_reports_its_figure(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """scripts/bench_store.py runs as documented and prints one figure per repeat (again, no timing asserted)."""
     script = BENCH.with_name("bench_store.py")
+    url = ["--url", request.getfixturevalue("pg_url")] if backend == "postgres" else []
     done = subprocess.run(
-        [sys.executable, str(script), "--items", "50", "--repeat", "2"],
+        [sys.executable, str(script), "--items", "50", "--repeat", "2", *url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -120,5 +122,9 @@ def test_state_store_replay_reports_its_figure(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 2
-    figure = re.compile(r"50 items: \d+ us CPU per item \(\d+ user, \d+ sys\), files \d+ MB")
+    where = "PostgreSQL" if url else r"files \d+ MB"
+    figure = re.compile(
+        r"50 items: \d+ us CPU per item \(\d+ user, \d+ sys\), [\d.]+ ms wall per item, "
+        rf"10 statements per item, {where}"
+    )
     assert all(figure.fullmatch(line) for line in lines), lines

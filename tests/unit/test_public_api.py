@@ -29,7 +29,10 @@ def test_error_hierarchy_has_one_base_and_says_if_retry_helps() -> None:
 
 
 def test_import_does_not_pull_heavy_optional_packages() -> None:
-    """`import lpengine` stays light: OpenCV, PyAV and boto only load when a batch needs them."""
-    code = "import sys, lpengine; print(sorted(m for m in ('cv2', 'av', 'aioboto3', 'skimage') if m in sys.modules))"
+    """`import lpengine` stays light: OpenCV, PyAV, boto and psycopg only load when a batch needs them."""
+    code = (
+        "import sys, lpengine; "
+        "print(sorted(m for m in ('cv2', 'av', 'aioboto3', 'skimage', 'psycopg') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

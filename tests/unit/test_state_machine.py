@@ -43,7 +43,7 @@ from lpengine.orchestrator import _STAGE_FAILURE, Orchestrator
 from lpengine.stages.context import StageContext, dump_item, restore_item
 from lpengine.stages.poll import PollScheduler, Tracked
 from lpengine.stages.upload import prepare
-from lpengine.state.store import SqliteStateStore
+from lpengine.state.sqlite import SqliteStateStore
 
 VOICE = Path(__file__).resolve().parents[2] / "lpengine" / "assets" / "voice.wav"
 PAID_STAGES = (Stage.UPLOAD, Stage.DETECT, Stage.SUBMIT, Stage.POLL, Stage.DOWNLOAD)

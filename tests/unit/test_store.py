@@ -1,4 +1,5 @@
-"""The state file: writes made `together()` commit as one transaction or not at all, and older files stay usable."""
+"""The SQLite file in particular (tests/unit/test_store_contract.py holds both backends to the interface): writes
+made `together()` commit as one transaction or not at all, and older files stay usable."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lpengine.state.store import SqliteStateStore
+from lpengine.state.sqlite import SqliteStateStore
 
 pytestmark = pytest.mark.anyio
 
@@ -80,15 +81,3 @@ async def test_a_state_file_with_the_earlier_rowid_tables_keeps_its_rows_and_tak
 
 def _without_rowid(store: SqliteStateStore) -> dict[str, int]:
     return dict(store.db.execute("SELECT name, sql LIKE '%WITHOUT ROWID%' FROM sqlite_master WHERE type = 'table'"))
-
-
-async def test_a_digest_answers_only_for_the_stamp_it_was_recorded_with(tmp_path: Path) -> None:
-    async with SqliteStateStore(tmp_path / "state.db") as store:
-        await store.put_digest("/in/a.jpg", (10, 1, 2, 3), "sha-one")
-        assert await store.digest("/in/a.jpg", (10, 1, 2, 3)) == "sha-one"
-        for changed in [(11, 1, 2, 3), (10, 9, 2, 3), (10, 1, 9, 3), (10, 1, 2, 9)]:  # size, mtime, ctime, inode
-            assert await store.digest("/in/a.jpg", changed) is None
-        assert await store.digest("/in/b.jpg", (10, 1, 2, 3)) is None
-        await store.put_digest("/in/a.jpg", (12, 4, 5, 3), "sha-two")  # checked again after an edit
-        assert await store.digest("/in/a.jpg", (10, 1, 2, 3)) is None
-        assert await store.digest("/in/a.jpg", (12, 4, 5, 3)) == "sha-two"

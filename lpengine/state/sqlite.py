@@ -10,24 +10,24 @@ to the WAL file without fsync: a point write or read takes 10–30 µs, while ha
 (docs/benchmarks.md). Only a WAL checkpoint (every ~1000 pages) fsyncs, a few ms now and then; the only other
 writer would be a second run, which the run lock excludes. Bulk reads yield between chunks.
 
-`StateStore` is the seam: a server database can implement the same protocol for several machines sharing an
-account.
+The `StateStore` protocol (lpengine/state/base.py) is the seam; lpengine/state/postgres.py implements it for several
+workers sharing a batch.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 import anyio
 import orjson
+
+from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -80,58 +80,6 @@ CREATE TABLE IF NOT EXISTS file_digests (
 
 _BUSY_TIMEOUT_S = 5.0  # backstop only: readers in other processes (`lpengine status`) never block a WAL writer
 _CHUNK_ROWS = 500
-
-
-@dataclass(frozen=True, slots=True)
-class StoredItem:
-    item_id: str
-    output_name: str
-    state: str | None
-    stage: str
-    task_id: str | None
-    data: dict[str, Any]
-
-
-FileStamp = tuple[int, int, int, int]
-"""(size, mtime_ns, ctime_ns, inode) of a file. Writing a file changes its ctime, which no tool can set back, so an
-equal stamp means the same content (git's index relies on the same fields)."""
-
-
-def file_stamp(path: str) -> FileStamp | None:
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):  # ValueError: a NUL in the name
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredUpload:
-    url: str
-    needs_resolve_header: bool
-    expires_at: float
-    created_key: str | None
-
-
-class StateStore(Protocol):
-    """What the engine needs from durable state."""
-
-    async def get(self, item_id: str) -> StoredItem | None: ...
-    async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None: ...
-    async def detect_verdict(self, image_sha: str) -> tuple[bool | None, str] | None: ...
-    async def put_detect(self, image_sha: str, passed: bool | None, message: str) -> None: ...
-    async def forget_detect(self, image_sha: str) -> None: ...
-    async def upload(self, sha: str, model: str, backend: str) -> StoredUpload | None: ...
-    async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None: ...
-    async def claim_task(self, task_id: str, item_id: str, wall: float) -> bool: ...
-    async def claim_times(self) -> dict[str, float]: ...
-    async def claimed_since(self, item_id: str, wall: float) -> str | None: ...
-    async def inflight_submits(self) -> list[tuple[str, float]]: ...
-    async def created_keys(self) -> list[str]: ...
-    async def digest(self, path: str, stamp: FileStamp) -> str | None: ...
-    async def put_digest(self, path: str, stamp: FileStamp, sha256: str) -> None: ...
-    def items(self) -> AsyncIterator[StoredItem]: ...
-    def together(self) -> AbstractContextManager[None]: ...
 
 
 class SqliteStateStore:
@@ -202,7 +150,7 @@ class SqliteStateStore:
             "SELECT item_id, output_name, state, stage, task_id, data FROM items WHERE item_id = ?",
             (item_id,),
         )
-        return _stored(row) if row else None
+        return stored_item(row) if row else None
 
     async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None:
         await self._write(
@@ -327,15 +275,4 @@ class SqliteStateStore:
         async for row in self._all(
             "SELECT item_id, output_name, state, stage, task_id, data FROM items ORDER BY output_name"
         ):
-            yield _stored(row)
-
-
-def _stored(row: Any) -> StoredItem:
-    return StoredItem(
-        item_id=str(row[0]),
-        output_name=str(row[1]),
-        state=row[2],
-        stage=str(row[3]),
-        task_id=row[4],
-        data=orjson.loads(row[5]),
-    )
+            yield stored_item(row)

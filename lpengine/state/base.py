@@ -1,0 +1,82 @@
+"""The state-store interface every backend implements, and the records it hands back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+
+@dataclass(frozen=True, slots=True)
+class StoredItem:
+    item_id: str
+    output_name: str
+    state: str | None
+    stage: str
+    task_id: str | None
+    data: dict[str, Any]
+
+
+FileStamp = tuple[int, int, int, int]
+"""(size, mtime_ns, ctime_ns, inode) of a file. Writing a file changes its ctime, which no tool can set back, so an
+equal stamp means the same content (git's index relies on the same fields)."""
+
+
+def file_stamp(path: str) -> FileStamp | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredUpload:
+    url: str
+    needs_resolve_header: bool
+    expires_at: float
+    created_key: str | None
+
+
+class StateStore(Protocol):
+    """What the engine needs from durable state; `tests/unit/test_store_contract.py` holds every backend to it.
+
+    Every write is durable when it returns. `together()` groups writes that follow one another: SQLite commits them
+    as one transaction (one WAL append instead of several); a backend may also commit them one by one, since the
+    engine orders its writes so that a crash between any two of them is recovered from (the claim before the item's
+    save, the verdict before the item's progress).
+    """
+
+    async def get(self, item_id: str) -> StoredItem | None: ...
+    async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None: ...
+    async def detect_verdict(self, image_sha: str) -> tuple[bool | None, str] | None: ...
+    async def put_detect(self, image_sha: str, passed: bool | None, message: str) -> None: ...
+    async def forget_detect(self, image_sha: str) -> None: ...
+    async def upload(self, sha: str, model: str, backend: str) -> StoredUpload | None: ...
+    async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None: ...
+    async def claim_task(self, task_id: str, item_id: str, wall: float) -> bool: ...
+    async def claim_times(self) -> dict[str, float]: ...
+    async def claimed_since(self, item_id: str, wall: float) -> str | None: ...
+    async def inflight_submits(self) -> list[tuple[str, float]]: ...
+    async def created_keys(self) -> list[str]: ...
+    async def digest(self, path: str, stamp: FileStamp) -> str | None: ...
+    async def put_digest(self, path: str, stamp: FileStamp, sha256: str) -> None: ...
+    async def forget_created_keys(self, keys: list[str]) -> None: ...
+    def items(self) -> AsyncIterator[StoredItem]: ...
+    def together(self) -> AbstractContextManager[None]: ...
+
+
+def stored_item(row: Any) -> StoredItem:
+    """A row of (item_id, output_name, state, stage, task_id, data as JSON text), as both backends select it."""
+    return StoredItem(
+        item_id=str(row[0]),
+        output_name=str(row[1]),
+        state=row[2],
+        stage=str(row[3]),
+        task_id=row[4],
+        data=orjson.loads(row[5]),
+    )
