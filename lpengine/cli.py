@@ -366,6 +366,12 @@ def status(
     for stage, n in sorted(summary["in_progress"].items()):
         typer.echo(f"  in progress at {stage:<7} {n}")
     typer.echo(f"  tasks at the service   {summary['tasks_outstanding']}")
+    for w in summary.get("workers", []):
+        lease = "live" if w["live"] else "lease expired"
+        typer.echo(
+            f"  worker {w['host']} pid {w['pid']}: {lease} ({w['lease_s']:g} s), last heartbeat "
+            f"{w['last_heartbeat_s_ago']:g} s ago, {w['items_in_progress']} item(s) in progress"
+        )
 
 
 async def _status(cfg: BatchConfig, secrets: Secrets) -> dict[str, Any]:
@@ -380,7 +386,16 @@ async def _status(cfg: BatchConfig, secrets: Secrets) -> dict[str, Any]:
             else:
                 in_progress[row.stage] = in_progress.get(row.stage, 0) + 1
                 outstanding += bool(row.task_id)
-    return {"items": total, "finished": finished, "in_progress": in_progress, "tasks_outstanding": outstanding}
+        workers = await store.workers()
+    summary: dict[str, Any] = {
+        "items": total,
+        "finished": finished,
+        "in_progress": in_progress,
+        "tasks_outstanding": outstanding,
+    }
+    if workers:
+        summary["workers"] = workers
+    return summary
 
 
 def _state_secrets(cfg: BatchConfig) -> Secrets:

@@ -292,6 +292,10 @@ class StateConfig(_Model):
     batch: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     """The batch's name in a shared database; default: the output folder's absolute path. Workers on several
     hosts must give the same name."""
+    lease_s: Annotated[float, Field(ge=1, le=3600)] = 120.0
+    """PostgreSQL: seconds after a worker's last heartbeat (on the database's clock) before other workers take
+    over its items. At least twice `api.request_timeout_s`, so that a dead worker's last submit has been answered
+    or has failed for good when its successor reconciles it."""
     max_submit_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     """How many times one item may be submitted in total (retryable task failures, expired tasks)."""
 

@@ -27,6 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from pydantic import SecretStr
 
 from lpengine.client.api import DashScopeClient
+from lpengine.client.limits import account_of
 from lpengine.config import BatchConfig, Secrets, VideoParams, load_secrets
 from lpengine.errors import (
     AuthError,
@@ -40,11 +41,12 @@ from lpengine.logs import BatchLog, Redactor
 from lpengine.models import Item, ItemResult, ItemSpec, ItemState, RunReport, Stage
 from lpengine.orchestrator import Orchestrator, drain, handoff
 from lpengine.plan import Namer, PlanProblem, input_problems, iter_plan
-from lpengine.reports import write_reports
+from lpengine.reports import result_from_state, write_reports
 from lpengine.reports.spool import ResultSpool, spool_dir
 from lpengine.stages.context import ProgressEvent, StageContext
 from lpengine.stages.upload import load_audio, prepare
-from lpengine.state import BatchLock, open_store, state_secrets
+from lpengine.state import BatchLock, open_store, state_secrets, state_url
+from lpengine.state.base import Coordinator
 from lpengine.storage import open_storage
 from lpengine.storage.base import Storage
 
@@ -139,13 +141,14 @@ class Engine:
             await anyio.Path(out).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError([f"output.dir: cannot create {out} ({exc.strerror}); choose a writable folder"]) from None
-        if self._lock:
+        shared = state_url(config, self._secrets) is not None  # cooperative workers: no run lock, no sweeping
+        if self._lock and not shared:
             stack.enter_context(BatchLock(config.state_path.with_suffix(".lock")))
             # Holding the lock, nobody else writes here: partial downloads of a killed run can go.
             for stale in await anyio.to_thread.run_sync(lambda: list(out.glob(".*.part"))):
                 await anyio.Path(stale).unlink(missing_ok=True)
         # Before anything that could reach DashScope: an unusable state database stops the run with nothing sent.
-        store = await stack.enter_async_context(open_store(config, self._secrets, exclusive=self._lock))
+        store = await stack.enter_async_context(open_store(config, self._secrets, worker=self._lock))
         base_url, api_key = config.api.base_url, self._secrets.api_key
         if config.api.emulator is not None:
             from lpengine.emulator import EmulatorSettings, run_emulator
@@ -178,8 +181,11 @@ class Engine:
         )
         log = BatchLog(out / f"lpengine-{time.strftime('%Y%m%d-%H%M%S')}.jsonl", redactor)
         stack.callback(log.close)
+        # Workers sharing a database share each account's request rates (PostgreSQL; one atomic statement a request).
+        coordinator = store.coordinator
+        pacer = coordinator.pacer(account_of(api_key.get_secret_value())) if coordinator is not None else None
         client = await stack.enter_async_context(
-            DashScopeClient(config.api, api_key, base_url=base_url, speedup=config.speedup)
+            DashScopeClient(config.api, api_key, base_url=base_url, speedup=config.speedup, pacer=pacer)
         )
         storage: Storage = await stack.enter_async_context(open_storage(config, client, self._secrets))
         self._ctx = StageContext(
@@ -213,6 +219,10 @@ class Engine:
         self._tg = tg
         tg.start_soon(self._pipeline, intake_recv, results_send)
         tg.start_soon(self._collect, results_recv)
+        if store.coordinator is not None:
+            beating = anyio.CancelScope()
+            stack.callback(beating.cancel)  # runs before close_pipeline, which waits for the loop to end
+            tg.start_soon(_heartbeat, store.coordinator, beating)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -337,8 +347,13 @@ class Engine:
         batch = _Batch(await anyio.to_thread.run_sync(ResultSpool.create, spool_dir(self.config.state_path)))
         pricing = self.config.pricing
 
+        deferred: dict[str, Item] = {}  # held by other workers (PostgreSQL): reported once they settle
+
         def done(item: Item) -> None:
-            batch.spool.append(item.result(pricing.detect_per_image, pricing.video_per_second))
+            if item.deferred:
+                deferred[item.item_id] = item
+            else:
+                batch.spool.append(item.result(pricing.detect_per_image, pricing.video_per_second))
             batch.remaining -= 1
             batch.check()
 
@@ -358,6 +373,8 @@ class Engine:
             batch.fed_all = True
             batch.check()
             await batch.done.wait()
+            if deferred:
+                await self._await_others(batch, deferred, done)
         finally:
             batch.spool.close()  # flushed on cancellation too: the rows so far stay readable
         client = ctx.api
@@ -376,6 +393,32 @@ class Engine:
         if self._fatal is not None:
             raise self._fatal
         return report
+
+    async def _await_others(self, batch: _Batch, deferred: dict[str, Item], done: Callable[[Item], None]) -> None:
+        """Wait for the items other workers hold: report each as they record it, and take over (and run) those
+        whose worker died. With this, every live worker finishes a batch only when all of it is settled."""
+        coordinator = self.ctx.store.coordinator
+        assert coordinator is not None
+        pricing = self.config.pricing
+        while deferred and self._fatal is None and not self._pipeline_scope.cancel_called:
+            settled, taken = await coordinator.deferred(list(deferred))
+            for row in settled:
+                deferred.pop(row.item_id)
+                batch.spool.append(result_from_state(row.data, pricing.detect_per_image, pricing.video_per_second))
+            if taken:
+                batch.done, batch.fed_all = anyio.Event(), False
+                for item_id in taken:
+                    spec = deferred.pop(item_id).spec
+                    self.ctx.log.emit("warning", "item.taken_over", item=spec.output_name)
+                    batch.remaining += 1
+                    await self._feed(Item(spec=spec), done)
+                batch.fed_all = True
+                batch.check()
+                await batch.done.wait()
+            elif deferred:
+                await anyio.sleep(coordinator.heartbeat_every)
+        for item in deferred.values():  # the run was stopped meanwhile
+            batch.spool.append(item.result(pricing.detect_per_image, pricing.video_per_second))
 
     async def process(
         self,
@@ -476,6 +519,14 @@ class Engine:
             return
         await self.ctx.store.forget_created_keys(keys)
         self.ctx.log.emit("info", "storage.cleaned", deleted=deleted)
+
+
+async def _heartbeat(coordinator: Coordinator, scope: anyio.CancelScope) -> None:
+    """Keep this worker's leases alive until the engine closes."""
+    with scope:
+        while True:
+            await anyio.sleep(coordinator.heartbeat_every)
+            await coordinator.heartbeat()
 
 
 def _problem_item(problem: PlanProblem, params: VideoParams) -> Item:

@@ -19,6 +19,7 @@ __all__ = [
     "ConfigError",
     "InputRejectedError",
     "LPEngineError",
+    "LeaseLostError",
     "NetworkError",
     "QuotaError",
     "RateLimitedError",
@@ -80,6 +81,14 @@ class StateStoreError(LPEngineError):
     @property
     def is_retryable(self) -> bool:
         return self._retryable
+
+
+class LeaseLostError(LPEngineError):
+    """Another worker took this item over (this one was presumed dead): its write was refused, and this worker
+    leaves the item to its successor. Nothing is paid twice: the write-ahead save before a paid call is refused too.
+    """
+
+    retryable = True
 
 
 class BatchLockedError(LPEngineError):

@@ -113,6 +113,9 @@ class Item:
     settled: bool = False
     """Restored already finished, with nothing about it changed: the store holds all there is to say, so the
     item is not saved again (a cron re-run of a finished 100k batch would otherwise commit 100k times)."""
+    deferred: bool = False
+    """Another live worker holds this item (PostgreSQL state): this one leaves it, and reports what that worker
+    records, or takes it over if that worker dies (docs/scaling.md)."""
     image_stamp: tuple[int, int, int, int] | None = None
     """The image file's stat stamp taken just before this run read and checked it (`state.base.FileStamp`)."""
 

@@ -18,10 +18,11 @@ from types import TracebackType
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from lpengine.errors import AuthError, QuotaError
+from lpengine.errors import AuthError, LeaseLostError, QuotaError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages import PollScheduler, detect, download, poll_once, prepare, submit, upload
 from lpengine.stages.context import StageContext, current_item
+from lpengine.stages.upload import defer
 
 Step = Callable[[StageContext, Item], Awaitable[None]]
 
@@ -129,13 +130,19 @@ class Orchestrator:
             await step(self.ctx, item)
         except (AuthError, QuotaError):
             raise
+        except LeaseLostError as exc:
+            self.ctx.emit(item, "item.taken_over", level="warning")
+            defer(item, str(exc))
         except Exception as exc:  # a bug or an unforeseen fault must not sink the other items of the batch
             self.ctx.emit(item, "stage.internal_error", level="error", error=repr(exc), exc_info=True)
             item.finish(_STAGE_FAILURE[item.stage], f"internal error: {exc.__class__.__name__}: {exc}", transient=True)
 
     async def _finish(self, item: Item, results: MemoryObjectSendStream[Item]) -> None:
         self.ctx.release_inputs(item)
-        await self.ctx.save_finished(item)
+        try:
+            await self.ctx.save_finished(item)
+        except LeaseLostError as exc:  # taken over while polling or downloading: its successor finishes it
+            defer(item, str(exc))
         level = "info" if item.state is ItemState.SUCCEEDED else "warning"
         self.ctx.emit(item, "item.finished", level=level, state=item.state, reason=item.reason)
         await handoff(results, item)

@@ -8,6 +8,7 @@ creating a database per test costs a second); tests about the schema itself make
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -60,30 +61,50 @@ def pg_server() -> Iterator[PgServer]:
     if os.getuid() == 0:
         owner = pwd.getpwnam("postgres")
         os.chown(base, owner.pw_uid, owner.pw_gid)
-    port = get_port(None)
-    assert port is not None
-    executor = PostgreSQLExecutor(
-        executable=str(PG_CTL),
-        host="127.0.0.1",
-        port=port,
-        datadir=str(base / "data"),
-        unixsocketdir=str(base),
-        logfile=str(base / "server.log"),
-        startparams="-w",
-        dbname="postgres",
-        password=PASSWORD,
-        postgres_options="-c listen_addresses=127.0.0.1 -c fsync=off",
-    )
-    executor.start()
-    server = PgServer(executor, "127.0.0.1", port)
     try:
-        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{_TEMPLATE}"'.encode())
-        anyio.run(upgrade, server.url(_TEMPLATE))
-        yield server
+        server = _start(base)
+        try:
+            with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{_TEMPLATE}"'.encode())
+            anyio.run(upgrade, server.url(_TEMPLATE))
+            yield server
+        finally:
+            server.executor.stop()
     finally:
-        executor.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _start(base: Path) -> PgServer:
+    """Start on a free port; on a busy machine another test run may take the same port in between, so a start that
+    fails is tried again on another one (pg_ctl's log says why it failed, and is shown if all attempts fail)."""
+    for attempt in range(3):
+        port = get_port(None)
+        assert port is not None
+        executor = PostgreSQLExecutor(
+            executable=str(PG_CTL),
+            host="127.0.0.1",
+            port=port,
+            datadir=str(base / f"data-{port}"),
+            unixsocketdir=str(base),
+            logfile=str(base / f"server-{port}.log"),
+            startparams="-w",
+            dbname="postgres",
+            password=PASSWORD,
+            postgres_options="-c listen_addresses=127.0.0.1 -c fsync=off",
+        )
+        try:
+            executor.start()
+            server = PgServer(executor, "127.0.0.1", port)
+            with psycopg.connect(server.url("postgres"), connect_timeout=30):
+                return server
+        except Exception:
+            log = base / f"server-{port}.log"
+            if attempt == 2:
+                print(log.read_text(errors="replace") if log.exists() else "no server log")
+                raise
+            with contextlib.suppress(Exception):
+                executor.stop()
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import structlog
 from pydantic import SecretStr
 from yarl import URL
 
-from lpengine.client.limits import EndpointBudget
+from lpengine.client.limits import EndpointBudget, SharedPacer
 from lpengine.client.retry import call_with_retries
 from lpengine.client.wire import (
     DetectResult,
@@ -113,6 +113,7 @@ class DashScopeClient:
         *,
         base_url: str | None = None,
         speedup: float = 1.0,
+        pacer: SharedPacer | None = None,
     ) -> None:
         self._config = config
         self._key = api_key
@@ -127,6 +128,7 @@ class DashScopeClient:
                 "upload": rl.upload_policy_qps * speedup,
             },
             rl.max_concurrent_requests,
+            pacer,
         )
         self._session: aiohttp.ClientSession | None = None
         self._header_sets: dict[tuple[bool, bool, bool], Mapping[str, str]] = {}

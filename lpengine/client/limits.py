@@ -7,7 +7,9 @@ spaced evenly from the first one (GCRA with no burst allowance) instead of being
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 
@@ -20,6 +22,19 @@ class MeterStats:
     current_qps: float
 
 
+def account_of(api_key: str) -> str:
+    """A name for the account behind a key that says nothing about the key (shared pacing rows are keyed by it)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+class SharedPacer(Protocol):
+    """The account's pacing shared by every process using the key (PostgreSQL: `lpengine/state/postgres.py`)."""
+
+    async def reserve(self, family: str, interval: float) -> float:
+        """Reserve the family's next slot, `interval` after the previous one taken by anyone; seconds to wait."""
+        ...
+
+
 class RateMeter:
     """GCRA ("virtual scheduling") with the schedule re-read after each wait.
 
@@ -30,8 +45,9 @@ class RateMeter:
 
     _MAX_SLOWDOWN = 8.0
 
-    def __init__(self, name: str, qps: float) -> None:
+    def __init__(self, name: str, qps: float, pacer: SharedPacer | None = None) -> None:
         self.name = name
+        self._pacer = pacer
         self._base_interval = 1.0 / qps
         self._interval = self._base_interval
         self._next = 0.0  # earliest time the next request may leave
@@ -42,6 +58,9 @@ class RateMeter:
         self._throttled = 0
 
     async def acquire(self) -> None:
+        if self._pacer is not None:
+            await self._acquire_shared(self._pacer)
+            return
         now = asyncio.get_running_loop().time()  # the clock `anyio.sleep` waits on, without anyio's backend lookup
         if self._next <= now and not self._lock.locked():
             # The slot is open and nobody holds the lock: take it at once (no await between the check and the claim).
@@ -53,6 +72,15 @@ class RateMeter:
             if delay > 0:
                 await anyio.sleep(delay)
             self._next = asyncio.get_running_loop().time() + self._interval
+            self._requests += 1
+
+    async def _acquire_shared(self, pacer: SharedPacer) -> None:
+        """The slot comes from the account's schedule, which every worker's requests advance (one atomic
+        statement each, on the database's clock); the wait until it is measured here, so clocks need not agree."""
+        async with self._lock:
+            delay = await pacer.reserve(self.name, self._interval)
+            if delay > 0:
+                await anyio.sleep(delay)
             self._requests += 1
 
     def on_throttled(self) -> None:
@@ -75,8 +103,8 @@ class RateMeter:
 class EndpointBudget:
     """The client's pacing for every endpoint family, plus one bound on requests in flight."""
 
-    def __init__(self, qps: dict[str, float], max_concurrent: int) -> None:
-        self.meters = {name: RateMeter(name, rate) for name, rate in qps.items()}
+    def __init__(self, qps: dict[str, float], max_concurrent: int, pacer: SharedPacer | None = None) -> None:
+        self.meters = {name: RateMeter(name, rate, pacer) for name, rate in qps.items()}
         self.in_flight = asyncio.Semaphore(max_concurrent)
 
     def meter(self, family: str) -> RateMeter:

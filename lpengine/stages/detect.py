@@ -27,6 +27,8 @@ async def detect(ctx: StageContext, item: Item) -> None:
         verdict = await ctx.store.detect_verdict(key)
         fresh = verdict is None
         if verdict is None:
+            if ctx.store.shared:
+                await ctx.save(item)  # fenced: still this item's worker, and live, right before paying
             await ctx.store.put_detect(key, None, "")  # write-ahead mark: the call below is billed
             try:
                 result = await ctx.api.detect(item.image_urls[DETECT_MODEL].url)

@@ -104,10 +104,22 @@ async def prepare(ctx: StageContext, item: Item) -> None:
     item.timings["check"] = time.perf_counter() - started
 
     stored = await ctx.store.get(item.item_id)
+    coordinator = ctx.store.coordinator
+    if coordinator is not None and not (stored is not None and _finished(stored)):
+        if not await coordinator.claim_item(item.item_id):
+            defer(item, "another worker is on it")
+            return
+        stored = await ctx.store.get(item.item_id)  # read again, holding it: its previous holder may have written
     if stored is None:
         return
     _restore(item, stored, finished=_finished(stored))
     _keep_recorded_params(ctx, item, stored.data)
+
+
+def defer(item: Item, reason: str) -> None:
+    """Leave the item to the worker that holds it; nothing about it is saved from here."""
+    item.deferred = item.settled = True
+    item.finish(ItemState.CANCELLED, reason, transient=True)
 
 
 async def _finished_unread(ctx: StageContext, item: Item, stamp: FileStamp, audio_sha: str) -> bool:

@@ -9,7 +9,7 @@ from types import ModuleType
 from urllib.parse import urlsplit
 
 from lpengine.config import BatchConfig, Secrets
-from lpengine.errors import StateStoreError
+from lpengine.errors import ConfigError, StateStoreError
 from lpengine.state.base import StateStore, StoredItem, StoredUpload
 from lpengine.state.lock import BatchLock
 from lpengine.state.sqlite import SqliteStateStore
@@ -48,17 +48,27 @@ def batch_name(config: BatchConfig) -> str:
 
 
 @asynccontextmanager
-async def open_store(config: BatchConfig, secrets: Secrets, *, exclusive: bool = False) -> AsyncIterator[StateStore]:
+async def open_store(config: BatchConfig, secrets: Secrets, *, worker: bool = False) -> AsyncIterator[StateStore]:
     """The configured backend, open. PostgreSQL is imported only when used (it is the `postgres` extra).
 
-    `exclusive`: hold the batch's database lock while open (SQLite runs use the file lock, `BatchLock`).
+    `worker`: this process works on the batch (not only reads it): with PostgreSQL it joins the batch's workers.
     """
     url = state_url(config, secrets)
     if url is None:
         async with SqliteStateStore(config.state_path) as sqlite_store:
             yield sqlite_store
         return
-    async with _postgres().PostgresStateStore(url, batch_name(config), exclusive=exclusive) as pg_store:
+    lease_s = config.state.lease_s
+    if worker and lease_s < 2 * config.api.request_timeout_s:
+        raise ConfigError(
+            [
+                f"state.lease_s: {lease_s:g} s is less than twice api.request_timeout_s "
+                f"({config.api.request_timeout_s:g} s): a worker taking over must know whether a dead worker's last "
+                "submit happened; raise state.lease_s"
+            ]
+        )
+    store = _postgres().PostgresStateStore(url, batch_name(config), lease_s=lease_s if worker else None)
+    async with store as pg_store:
         yield pg_store
 
 

@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from lpengine.client.limits import SharedPacer
+
 
 @dataclass(frozen=True, slots=True)
 class StoredItem:
@@ -42,6 +44,18 @@ class StoredUpload:
     created_key: str | None
 
 
+class Coordinator(Protocol):
+    """How cooperative workers share one batch (PostgreSQL): leases on items, heartbeats, takeover."""
+
+    heartbeat_every: float
+    """Seconds between heartbeats."""
+
+    async def heartbeat(self) -> None: ...
+    async def claim_item(self, item_id: str) -> bool: ...
+    async def deferred(self, item_ids: list[str]) -> tuple[list[StoredItem], list[str]]: ...
+    def pacer(self, account: str) -> SharedPacer: ...
+
+
 class StateStore(Protocol):
     """What the engine needs from durable state; `tests/unit/test_store_contract.py` holds every backend to it.
 
@@ -50,6 +64,16 @@ class StateStore(Protocol):
     engine orders its writes so that a crash between any two of them is recovered from (the claim before the item's
     save, the verdict before the item's progress).
     """
+
+    @property
+    def shared(self) -> bool:
+        """Other processes write this batch's rows too (so a row read before a claim may be stale)."""
+        ...
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        """None when this process is the batch's only worker (SQLite and its run lock)."""
+        ...
 
     async def get(self, item_id: str) -> StoredItem | None: ...
     async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None: ...
@@ -67,6 +91,7 @@ class StateStore(Protocol):
     async def put_digest(self, path: str, stamp: FileStamp, sha256: str) -> None: ...
     async def forget_created_keys(self, keys: list[str]) -> None: ...
     def items(self) -> AsyncIterator[StoredItem]: ...
+    async def workers(self) -> list[dict[str, Any]]: ...
     def together(self) -> AbstractContextManager[None]: ...
 
 

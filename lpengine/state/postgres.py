@@ -15,7 +15,10 @@ libpq's URLs, `PGPASSWORD` and `~/.pgpass` exactly as `psql` does, and psycopg_p
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -27,7 +30,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from lpengine.errors import BatchLockedError, StateStoreError
+from lpengine.errors import LeaseLostError, StateStoreError
 from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item
 
 T = TypeVar("T")
@@ -91,6 +94,35 @@ _MIGRATIONS: tuple[str, ...] = (
         inode    BIGINT NOT NULL,
         sha256   TEXT NOT NULL,
         PRIMARY KEY (batch, path)
+    );
+    """,
+    # 2: cooperative workers. A worker is live while its heartbeat (the database's clock) is younger than its lease;
+    # an item belongs to the worker holding its lease, and a dead worker's items are taken over.
+    """
+    CREATE TABLE lpengine.workers (
+        batch        TEXT NOT NULL,
+        worker_id    TEXT NOT NULL,
+        host         TEXT NOT NULL,
+        pid          INTEGER NOT NULL,
+        lease_s      DOUBLE PRECISION NOT NULL,
+        started_at   TIMESTAMPTZ NOT NULL DEFAULT now(),
+        heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (batch, worker_id)
+    );
+    CREATE TABLE lpengine.leases (
+        batch      TEXT NOT NULL,
+        item_id    TEXT NOT NULL,
+        owner      TEXT NOT NULL,
+        claimed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (batch, item_id)
+    );
+    CREATE INDEX leases_owner ON lpengine.leases (batch, owner);
+    -- The account's request schedule per endpoint family, shared by every worker of every batch on that account.
+    CREATE TABLE lpengine.pacing (
+        account TEXT NOT NULL,
+        family  TEXT NOT NULL,
+        next_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (account, family)
     );
     """,
 )
@@ -170,33 +202,34 @@ async def upgrade(url: str) -> tuple[int, int]:
     return before, SCHEMA_VERSION
 
 
-class PostgresStateStore:
-    """One batch's state in a shared PostgreSQL database."""
+# A lease's owner is live while its heartbeat, on the database's clock, is younger than its lease: a worker whose own
+# clock is off by minutes neither expires others' leases early nor keeps its own alive.
+_LIVE = (
+    "EXISTS (SELECT 1 FROM lpengine.workers w WHERE w.batch = l.batch AND w.worker_id = l.owner "
+    "AND w.heartbeat_at > now() - make_interval(secs => w.lease_s))"
+)
+_NOW = "extract(epoch from now())"
 
-    def __init__(self, url: str, batch: str, *, exclusive: bool = False, outage_s: float = OUTAGE_S) -> None:
+
+class PostgresStateStore:
+    """One batch's state in a shared PostgreSQL database; with `lease_s`, also one cooperative worker of it."""
+
+    shared = True
+
+    def __init__(self, url: str, batch: str, *, lease_s: float | None = None, outage_s: float = OUTAGE_S) -> None:
         self.url = url
         self.batch = batch
-        self.exclusive = exclusive
         self.outage_s = outage_s
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
-        self._lock_conn: psycopg.AsyncConnection[Any] | None = None
+        self.lease_s = lease_s
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}" if lease_s else None
 
     def __repr__(self) -> str:
         return f"PostgresStateStore({where(self.url)}, batch={self.batch!r})"
 
     async def __aenter__(self) -> Self:
-        conn = await _connect(self.url)
-        try:
+        async with await _connect(self.url) as conn:
             version = await schema_version(conn)
-            if version == SCHEMA_VERSION and self.exclusive:
-                await self._lock_batch(conn)
-        except BaseException:
-            await conn.close()
-            raise
-        if self.exclusive:
-            self._lock_conn = conn
-        else:
-            await conn.close()
         if version != SCHEMA_VERSION:
             state = "has no lpengine tables" if version == 0 else f"has schema version {version}"
             hint = (
@@ -218,30 +251,34 @@ class PostgresStateStore:
         )
         await pool.open(wait=True, timeout=_CONNECT_TIMEOUT_S)
         self._pool = pool
-        return self
-
-    async def _lock_batch(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """One run of a batch at a time, across hosts: a session advisory lock, which PostgreSQL releases when its
-        holder's connection ends (a killed run never blocks the next one)."""
-        row = await (
-            await conn.execute(b"SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self.batch,))
-        ).fetchone()
-        if not row or not row[0]:
-            raise BatchLockedError(
-                f"another run of batch {self.batch!r} is in progress on the state {where(self.url)}; "
-                "this run exits without doing anything"
+        if self.worker_id is not None:
+            await self._write(
+                "INSERT INTO lpengine.workers (batch, worker_id, host, pid, lease_s) VALUES (%s, %s, %s, %s, %s)",
+                (self.batch, self.worker_id, socket.gethostname(), os.getpid(), self.lease_s),
             )
+        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._pool is None:
+            return
         with anyio.CancelScope(shield=True):
-            if self._pool is not None:
-                await self._pool.close()
-                self._pool = None
-            if self._lock_conn is not None:
-                await self._lock_conn.close()  # releases the batch lock
-                self._lock_conn = None
+            if self.worker_id is not None:
+                # Gone at once rather than after its lease: what this worker leaves unfinished is taken over now.
+                with anyio.move_on_after(_CONNECT_TIMEOUT_S):
+                    await self._pool_execute(
+                        "DELETE FROM lpengine.workers WHERE batch = %s AND worker_id = %s", (self.batch, self.worker_id)
+                    )
+            await self._pool.close()
+            self._pool = None
+
+    async def _pool_execute(self, sql: str, args: tuple[Any, ...]) -> None:
+        try:
+            async with self.pool.connection(timeout=_CONNECT_TIMEOUT_S) as conn:
+                await conn.execute(sql.encode(), args)
+        except psycopg.OperationalError:
+            pass  # the lease then simply expires
 
     @property
     def pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
@@ -282,7 +319,7 @@ class PostgresStateStore:
         with anyio.CancelScope(shield=True):  # a write that started reaches the database, as with SQLite
             await self._run(work)
 
-    async def _one(self, sql: str, args: tuple[Any, ...]) -> Any:
+    async def _one(self, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> Any:
         async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
             return await (await conn.execute(sql.encode(), args)).fetchone()
 
@@ -303,23 +340,28 @@ class PostgresStateStore:
         return stored_item(row) if row else None
 
     async def put(self, item_id: str, output_name: str, image_sha: str | None, data: dict[str, Any]) -> None:
-        await self._write(
-            "INSERT INTO lpengine.items (batch, item_id, output_name, image_sha, state, stage, task_id, data, "
-            "updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (batch, item_id) DO UPDATE SET "
-            "state = excluded.state, stage = excluded.stage, task_id = excluded.task_id, data = excluded.data, "
-            "updated_at = excluded.updated_at",
-            (
-                self.batch,
-                item_id,
-                output_name,
-                image_sha,
-                data.get("state"),
-                data.get("stage", "plan"),
-                data.get("task_id"),
-                orjson.dumps(data).decode(),
-                time.time(),
-            ),
+        """As a worker, only while this worker holds the item's lease (`LeaseLostError` otherwise): a worker that
+        was presumed dead and taken over cannot overwrite its successor's progress."""
+        args = (
+            self.batch,
+            item_id,
+            output_name,
+            image_sha,
+            data.get("state"),
+            data.get("stage", "plan"),
+            data.get("task_id"),
+            orjson.dumps(data).decode(),
         )
+        if self.worker_id is None:
+            await self._write(_PUT, args)
+            return
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> int:
+            return (await conn.execute(_PUT_FENCED, (*args, self.worker_id))).rowcount
+
+        with anyio.CancelScope(shield=True):
+            if await self._run(work) == 0:
+                raise LeaseLostError(f"{output_name}: taken over by another worker (this one was presumed dead)")
 
     async def detect_verdict(self, image_sha: str) -> tuple[bool | None, str] | None:
         """None: never asked. (None, _): asked, but the answer was lost in a crash (the call may be billed)."""
@@ -456,3 +498,126 @@ class PostgresStateStore:
             if len(rows) < _CHUNK_ROWS:
                 return
             after = (str(rows[-1][1]), str(rows[-1][0]))
+
+    # -- cooperative workers ------------------------------------------------------------------------------------
+
+    @property
+    def coordinator(self) -> PostgresStateStore | None:
+        return self if self.worker_id is not None else None
+
+    @property
+    def heartbeat_every(self) -> float:
+        return (self.lease_s or 0.0) / 4
+
+    async def heartbeat(self) -> None:
+        """Keep this worker live (a quarter lease apart, so three lost beats in a row still do not expire it)."""
+        await self._write(
+            "UPDATE lpengine.workers SET heartbeat_at = now() WHERE batch = %s AND worker_id = %s",
+            (self.batch, self.worker_id),
+        )
+
+    async def claim_item(self, item_id: str) -> bool:
+        """Take the item's lease unless a live worker holds it (one statement: two claimants cannot both win)."""
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> Any:
+            return await (await conn.execute(_CLAIM, (self.batch, item_id, self.worker_id))).fetchone()
+
+        with anyio.CancelScope(shield=True):
+            row = await self._run(work)
+        return row is not None
+
+    async def deferred(self, item_ids: list[str]) -> tuple[list[StoredItem], list[str]]:
+        """Of items other workers hold: those they have finished (their rows), and those whose worker died, now
+        taken over by this one (`FOR UPDATE SKIP LOCKED`: workers scanning at once take disjoint sets)."""
+        rows = await self._all(_SETTLED, (self.batch, item_ids))
+        settled = [stored_item(row) for row in rows]
+        left = list(set(item_ids) - {s.item_id for s in settled})
+        if not left:
+            return settled, []
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> list[Any]:
+            return await (await conn.execute(_TAKEOVER, (self.batch, left, self.worker_id, self.batch))).fetchall()
+
+        with anyio.CancelScope(shield=True):
+            taken = await self._run(work)
+        return settled, [str(r[0]) for r in taken]
+
+    def pacer(self, account: str) -> AccountPacer:
+        return AccountPacer(self, account)
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Every worker this batch has seen and not seen leave, for `lpengine status`."""
+        rows = await self._all(_WORKERS, (self.batch,))
+        names = ("worker", "host", "pid", "lease_s", "started", "last_heartbeat_s_ago", "live", "items_in_progress")
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+class AccountPacer:
+    """The detect/submit/query/upload rates of one account, held across processes: GCRA whose schedule lives in a
+    row of `lpengine.pacing`, advanced by one atomic statement per request (the row lock orders the workers)."""
+
+    def __init__(self, store: PostgresStateStore, account: str) -> None:
+        self._store = store
+        self._account = account
+
+    async def reserve(self, family: str, interval: float) -> float:
+        slot, now = await self.slot(family, interval)
+        return max(0.0, slot - now)
+
+    async def slot(self, family: str, interval: float) -> tuple[float, float]:
+        """(the slot reserved, the time it was reserved at), both on the database's clock."""
+        row = await self._store._one(_RESERVE, {"account": self._account, "family": family, "interval": interval})
+        assert row is not None  # an upsert with RETURNING always returns its row
+        return float(row[0]), float(row[1])
+
+
+_RESERVE = (
+    "INSERT INTO lpengine.pacing AS p (account, family, next_at) "
+    "VALUES (%(account)s, %(family)s, extract(epoch from clock_timestamp()) + %(interval)s) "
+    "ON CONFLICT (account, family) DO UPDATE "
+    "SET next_at = greatest(p.next_at, extract(epoch from clock_timestamp())) + %(interval)s "
+    "RETURNING next_at - %(interval)s, extract(epoch from clock_timestamp())"
+)
+_PUT_COLUMNS = (
+    "INSERT INTO lpengine.items (batch, item_id, output_name, image_sha, state, stage, task_id, data, updated_at) "
+    f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, {_NOW}) ON CONFLICT (batch, item_id) DO UPDATE SET "
+    "state = excluded.state, stage = excluded.stage, task_id = excluded.task_id, data = excluded.data, "
+    "updated_at = excluded.updated_at"
+)
+_PUT = _PUT_COLUMNS
+# A worker writes an item only while it holds the lease *and* its own heartbeat is younger than half its lease: a
+# successor takes over only once that heartbeat is a whole lease old, so after this write succeeds the writer has
+# at least half a lease (at least one request timeout) to send the paid call it guards and hear its outcome.
+_PUT_FENCED = (
+    _PUT_COLUMNS + " WHERE EXISTS (SELECT 1 FROM lpengine.leases l JOIN lpengine.workers w "
+    "ON w.batch = l.batch AND w.worker_id = l.owner "
+    "WHERE l.batch = excluded.batch AND l.item_id = excluded.item_id AND l.owner = %s "
+    "AND w.heartbeat_at > now() - make_interval(secs => w.lease_s / 2))"
+).encode()
+_CLAIM = (
+    "INSERT INTO lpengine.leases AS l (batch, item_id, owner, claimed_at) "
+    f"VALUES (%s, %s, %s, {_NOW}) ON CONFLICT (batch, item_id) DO UPDATE "
+    f"SET owner = excluded.owner, claimed_at = excluded.claimed_at WHERE l.owner = excluded.owner OR NOT {_LIVE} "
+    "RETURNING 1"
+).encode()
+# Settled by its holder: a state written since the lease was taken, or a final (non-transient) one.
+_SETTLED = (
+    "SELECT i.item_id, i.output_name, i.state, i.stage, i.task_id, i.data::text FROM lpengine.items i "
+    "JOIN lpengine.leases l ON l.batch = i.batch AND l.item_id = i.item_id "
+    "WHERE i.batch = %s AND i.item_id = ANY(%s) AND i.state IS NOT NULL "
+    "AND (i.updated_at >= l.claimed_at OR coalesce(i.data->>'transient', 'false') = 'false')"
+)
+_TAKEOVER = (
+    "WITH free AS (SELECT l.item_id FROM lpengine.leases l "
+    f"WHERE l.batch = %s AND l.item_id = ANY(%s) AND NOT {_LIVE} FOR UPDATE SKIP LOCKED) "
+    f"UPDATE lpengine.leases l SET owner = %s, claimed_at = {_NOW} FROM free "
+    "WHERE l.batch = %s AND l.item_id = free.item_id RETURNING l.item_id"
+).encode()
+_WORKERS = (
+    "SELECT w.worker_id, w.host, w.pid, w.lease_s, w.started_at::text, "
+    "round(extract(epoch from now() - w.heartbeat_at)::numeric, 1)::float8, "
+    "w.heartbeat_at > now() - make_interval(secs => w.lease_s), "
+    "(SELECT count(*) FROM lpengine.leases l JOIN lpengine.items i ON i.batch = l.batch AND i.item_id = l.item_id "
+    " WHERE l.batch = w.batch AND l.owner = w.worker_id AND i.state IS NULL) "
+    "FROM lpengine.workers w WHERE w.batch = %s ORDER BY w.started_at"
+)

@@ -85,6 +85,9 @@ _CHUNK_ROWS = 500
 class SqliteStateStore:
     """The embedded default store (one file beside the output)."""
 
+    shared = False
+    coordinator = None  # one process per batch: the run lock (lpengine/state/lock.py)
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -269,6 +272,9 @@ class SqliteStateStore:
     async def forget_created_keys(self, keys: list[str]) -> None:
         with self.together():  # one transaction for the lot (autocommit would commit each row)
             self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
+
+    async def workers(self) -> list[dict[str, Any]]:
+        return []  # one process at a time (the run lock): `lpengine status` lists no workers
 
     async def items(self) -> AsyncIterator[StoredItem]:
         """Every item, streamed (reports of 100k items must not load them all at once)."""

@@ -112,7 +112,7 @@ def test_state_store_replay_reports_its_figure(tmp_path: Path, backend: str, req
     script = BENCH.with_name("bench_store.py")
     url = ["--url", request.getfixturevalue("pg_url")] if backend == "postgres" else []
     done = subprocess.run(
-        [sys.executable, str(script), "--items", "50", "--repeat", "2", *url],
+        [sys.executable, str(script), "--items", "20", "--repeat", "2", *url],
         capture_output=True,
         text=True,
         timeout=120,
@@ -124,7 +124,7 @@ def test_state_store_replay_reports_its_figure(tmp_path: Path, backend: str, req
     assert len(lines) == 2
     where = "PostgreSQL" if url else r"files \d+ MB"
     figure = re.compile(
-        r"50 items: \d+ us CPU per item \(\d+ user, \d+ sys\), [\d.]+ ms wall per item, "
+        r"20 items: \d+ us CPU per item \(\d+ user, \d+ sys\), [\d.]+ ms wall per item, "
         rf"10 statements per item, {where}"
     )
     assert all(figure.fullmatch(line) for line in lines), lines

@@ -12,8 +12,8 @@ from typer.testing import CliRunner, Result
 from lpengine import Engine, load_config
 from lpengine.cli import app
 from lpengine.emulator import EmulatorSettings, run_emulator
-from lpengine.errors import BatchLockedError, StateStoreError
-from lpengine.state.postgres import SCHEMA_VERSION, PostgresStateStore, upgrade
+from lpengine.errors import StateStoreError
+from lpengine.state.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresStateStore, upgrade
 from tests.helpers import write_batch
 from tests.pg import PASSWORD, PgServer, unique_batch
 
@@ -31,21 +31,6 @@ async def test_batches_sharing_a_database_see_only_their_own_rows(pg_url: str) -
         assert [r.item_id async for r in b.items()] == []
 
 
-async def test_one_run_of_a_batch_at_a_time_across_hosts(pg_url: str) -> None:
-    """The database lock stands in for the file lock, which cannot see another host; it ends with its holder."""
-    batch = unique_batch()
-    async with PostgresStateStore(pg_url, batch, exclusive=True):
-        with pytest.raises(BatchLockedError, match=f"another run of batch '{batch}' is in progress"):
-            async with PostgresStateStore(pg_url, batch, exclusive=True):
-                pass
-        async with PostgresStateStore(pg_url, batch) as reader:  # `lpengine status` reads meanwhile
-            assert await reader.get("x") is None
-        async with PostgresStateStore(pg_url, unique_batch(), exclusive=True):  # another batch runs meanwhile
-            pass
-    async with PostgresStateStore(pg_url, batch, exclusive=True):
-        pass
-
-
 async def test_a_database_without_the_schema_is_refused_naming_the_command(pg_server: PgServer) -> None:
     url = pg_server.url(pg_server.create_database(template="template0"))
     with pytest.raises(StateStoreError) as caught:
@@ -58,6 +43,26 @@ async def test_a_database_without_the_schema_is_refused_naming_the_command(pg_se
     assert await upgrade(url) == (SCHEMA_VERSION, SCHEMA_VERSION)  # again: nothing to do
     async with PostgresStateStore(url, "b") as store:
         assert await store.get("nothing") is None
+
+
+async def test_an_older_schema_is_upgraded_in_place_keeping_its_rows(pg_server: PgServer) -> None:
+    url = pg_server.url(pg_server.create_database(template="template0"))
+    with psycopg.connect(url, autocommit=True) as conn:  # the first schema version, as an earlier lpengine left it
+        conn.execute("CREATE SCHEMA lpengine")
+        conn.execute("CREATE TABLE lpengine.schema_version (version INTEGER NOT NULL)")
+        conn.execute(_MIGRATIONS[0].encode())
+        conn.execute("INSERT INTO lpengine.schema_version VALUES (1)")
+        conn.execute(
+            "INSERT INTO lpengine.items VALUES ('b', 'i1', 'x', NULL, 'succeeded', 'download', 't', '{\"a\": 1}', 0)"
+        )
+    with pytest.raises(StateStoreError, match=r"has schema version 1, .*run `lpengine db upgrade CONFIG`"):
+        async with PostgresStateStore(url, "b"):
+            pass
+    assert await upgrade(url) == (1, SCHEMA_VERSION)
+    async with PostgresStateStore(url, "b", lease_s=30) as store:
+        row = await store.get("i1")
+        assert row is not None and row.data == {"a": 1}
+        assert await store.claim_item("i2")
 
 
 async def test_a_schema_newer_than_this_lpengine_says_to_upgrade_lpengine(pg_server: PgServer) -> None:
