@@ -53,6 +53,7 @@ from lpengine.storage.base import Storage
 __all__ = ["DryRunReport", "Engine"]
 
 _MAX_AUDIO_S = 180.0
+_AWAIT_OTHERS_S = 2.0  # how often a worker done with its own items looks at those others hold (two statements)
 
 
 @dataclass
@@ -416,7 +417,7 @@ class Engine:
                 batch.check()
                 await batch.done.wait()
             elif deferred:
-                await anyio.sleep(coordinator.heartbeat_every)
+                await anyio.sleep(min(coordinator.heartbeat_every, _AWAIT_OTHERS_S))
         for item in deferred.values():  # the run was stopped meanwhile
             batch.spool.append(item.result(pricing.detect_per_image, pricing.video_per_second))
 
@@ -508,6 +509,10 @@ class Engine:
     async def _cleanup_storage(self, report: RunReport) -> None:
         policy = getattr(self.config.storage, "cleanup", "never")
         if policy == "never" or (policy == "on_success" and not report.ok):
+            return
+        if sum(w["live"] for w in await self.ctx.store.workers()) > 1:
+            # Other workers of the batch may still have tasks fetching these objects: the last one to end cleans up.
+            self.ctx.log.emit("info", "storage.cleanup_left_to_other_workers")
             return
         keys = await self.ctx.store.created_keys()
         if not keys:

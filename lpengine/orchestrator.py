@@ -143,8 +143,11 @@ class Orchestrator:
             await self.ctx.save_finished(item)
         except LeaseLostError as exc:  # taken over while polling or downloading: its successor finishes it
             defer(item, str(exc))
-        level = "info" if item.state is ItemState.SUCCEEDED else "warning"
-        self.ctx.emit(item, "item.finished", level=level, state=item.state, reason=item.reason)
+        if item.deferred:  # not finished: another worker holds it (no progress event: it is not this one's)
+            self.ctx.log.emit("debug", "item.deferred", item=item.spec.output_name, reason=item.reason)
+        else:
+            level = "info" if item.state is ItemState.SUCCEEDED else "warning"
+            self.ctx.emit(item, "item.finished", level=level, state=item.state, reason=item.reason)
         await handoff(results, item)
 
     async def _stage(

@@ -4,6 +4,8 @@
     python scripts/bench.py --items 1000 --speedup 500 --clients lpengine
     python scripts/bench.py --instant --items 100000                       # scale test, lpengine only
     python scripts/bench.py --instant --items 3000 --inputs urls --clients bare,sdk-aio,lpengine   # CPU floor
+    python scripts/bench.py --items 600 --speedup 500 --clients lpengine --workers 3 --state-url postgresql://…
+    python scripts/bench.py --items 600 --speedup 500 --clients lpengine --workers 3 --kill-seed 1 --state-url …
 
 Every party runs in its own process, so the client's CPU time and peak RSS are its own (os.wait4):
 
@@ -79,6 +81,11 @@ class BenchSettings:
     """`pyinstrument`: profile the lpengine client and write an HTML and a text report into the work folder."""
     lpengine_overrides: dict[str, Any] = field(default_factory=dict)
     """Extra dotted config keys for the lpengine client (e.g. {"concurrency.submit_window": 8})."""
+    workers: int = 1
+    """lpengine worker processes sharing the batch through PostgreSQL (`state_url`), started together."""
+    state_url: str | None = None
+    kill_seed: int | None = None
+    """With several workers: SIGKILL the first one at a moment drawn from this seed (docs/scaling.md)."""
     inputs: str = "files"
     """lpengine's inputs: `files` (local, served by its own `fileserver` storage) or `urls` (a manifest of URLs on
     the bench's file server, storage `url`: what the SDK scripts get, so no serving or local checks in lpengine)."""
@@ -253,10 +260,13 @@ class ClientRun:
     """Voluntary context switches: how often the client slept waiting for I/O or a timer and was woken."""
 
 
-def run_client(spec: dict[str, Any], workdir: Path) -> ClientRun:
+def run_client(
+    spec: dict[str, Any], workdir: Path, on_start: Callable[[subprocess.Popen[bytes]], None] | None = None
+) -> ClientRun:
     """Run one client in a fresh process; its own rusage comes from wait4 (not the emulator's, not ours)."""
-    spec_path = workdir / f"spec-{spec['client']}.json"
-    result_path = workdir / f"result-{spec['client']}.json"
+    name = spec.get("name", spec["client"])
+    spec_path = workdir / f"spec-{name}.json"
+    result_path = workdir / f"result-{name}.json"
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     command = [sys.executable, str(SCRIPT), "_client", str(spec_path), str(result_path)]
@@ -281,6 +291,8 @@ def run_client(spec: dict[str, Any], workdir: Path) -> ClientRun:
         command = ["strace", "-f", "-c", "-o", str(workdir / "strace-lpengine.txt"), *command]
     started = time.perf_counter()
     proc = subprocess.Popen(command)
+    if on_start is not None:
+        on_start(proc)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
@@ -296,6 +308,84 @@ def run_client(spec: dict[str, Any], workdir: Path) -> ClientRun:
         exit_code=proc.returncode,
         sleeps=usage.ru_nvcsw,
     )
+
+
+def run_workers(s: BenchSettings, spec: dict[str, Any], workdir: Path) -> tuple[ClientRun, float | None]:
+    """`s.workers` lpengine processes on one batch in PostgreSQL, started together; with `kill_seed`, the first is
+    SIGKILLed at a seeded moment. One ClientRun for them all: CPU and sleeps summed, the batch from the first start
+    to the last item settled, the items as the survivors report them (each reports the whole batch)."""
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio
+
+    from lpengine.state.postgres import upgrade
+
+    if not s.state_url:
+        raise SystemExit("--workers needs --state-url postgresql://… (a database `lpengine db upgrade` may set up)")
+    anyio.run(upgrade, s.state_url)
+    overrides = {
+        **(spec.get("overrides") or {}),
+        "state.url": s.state_url,
+        "state.batch": f"bench-{uuid.uuid4().hex[:12]}",
+        "state.lease_s": 10.0,  # takeover within seconds of a kill (real seconds, not scaled)
+        "api.request_timeout_s": 5.0,
+    }
+    specs = [spec | {"name": f"lpengine-{i}", "overrides": overrides} for i in range(s.workers)]
+    victim: list[subprocess.Popen[bytes]] = []
+    started = threading.Event()
+    killed_at: list[float] = []
+
+    def note(proc: subprocess.Popen[bytes]) -> None:
+        victim.append(proc)
+        started.set()
+
+    def killer() -> None:
+        assert s.kill_seed is not None
+        delay = random.Random(s.kill_seed).uniform(2.0, 2.0 + 0.4 * s.items * 30 / s.speedup)
+        started.wait()
+        t0 = time.perf_counter()
+        # a timed stop, not a wait for a condition: the moment itself is what is drawn
+        if not threading.Event().wait(delay) and victim[0].poll() is None:
+            victim[0].kill()
+            killed_at.append(time.perf_counter() - t0)
+
+    def one(i: int) -> ClientRun | None:
+        try:
+            return run_client(specs[i], workdir, note if i == 0 else None)
+        except RuntimeError:  # killed: no result of its own
+            return None
+
+    with ThreadPoolExecutor(max_workers=s.workers + 1) as pool:
+        if s.kill_seed is not None:
+            pool.submit(killer)
+        runs = list(pool.map(one, range(s.workers)))
+    done = [r for r in runs if r is not None]
+    if not done:
+        raise RuntimeError("no worker finished")
+    results = [r.result for r in done]
+    best = max(results, key=lambda r: r["succeeded"])
+    merged = {
+        **best,
+        "client": f"lpengine×{s.workers}",
+        "start_v": min(r["start_v"] for r in results),
+        "done_v": max(r["done_v"] for r in results),
+        "end_v": max(r["end_v"] for r in results),
+        "batch_cpu_s": sum(r["batch_cpu_s"] for r in results),
+        "batch_wall_s": max(r["batch_wall_s"] for r in results),
+    }
+    run = ClientRun(
+        result=merged,
+        cpu_s=sum(r.cpu_s for r in done),
+        user_s=sum(r.user_s for r in done),
+        sys_s=sum(r.sys_s for r in done),
+        maxrss_mb=max(r.maxrss_mb for r in done),
+        wall_s=max(r.wall_s for r in done),
+        exit_code=max(r.exit_code for r in done),
+        sleeps=sum(r.sleeps for r in done),
+    )
+    return run, (killed_at[0] if killed_at else None)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -315,6 +405,7 @@ def metrics(s: BenchSettings, run: ClientRun, stats: dict[str, Any]) -> dict[str
     gaps = stats["idle_gaps"]
     throttled = sum(stats["throttled"].values())
     duplicates = sum(1 for c in stats["submissions_per_image"].values() if c > 1)
+    duplicate_detects = sum(1 for c in stats["detect_per_image"].values() if c > 1)
     out: dict[str, Any] = {
         "client": r["client"],
         "items": n,
@@ -324,6 +415,7 @@ def metrics(s: BenchSettings, run: ClientRun, stats: dict[str, Any]) -> dict[str
         "tasks": tasks,
         "images_submitted": len(stats["submissions_per_image"]),
         "duplicate_submissions": duplicates,
+        "duplicate_detects": duplicate_detects,
         "makespan_s": makespan,
         "lead_s": lead,
         "busy_s": busy,
@@ -487,9 +579,14 @@ def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[s
                         spec["overrides"] = s.lpengine_overrides
                     rtt = loopback_round_trip_cpu_us()
                     log(f"running {client} … (loopback round trip: {rtt:.1f} µs of CPU)")
-                    run = run_client(spec, workdir)
+                    if client == "lpengine" and s.workers > 1:
+                        run, killed_at = run_workers(s, spec, workdir)
+                    else:
+                        run, killed_at = run_client(spec, workdir), None
                     stats = _http("GET", root_url + "/_emulator/stats")
                     m = metrics(s, run, stats) | {"loopback_rtt_cpu_us": rtt}
+                    if s.workers > 1 and client == "lpengine":
+                        m |= {"workers": s.workers, "killed_at_wall_s": killed_at}
                     results.append(m)
                     log(table([m], instant=s.instant).splitlines()[-1])
         against_floor(results)
@@ -1008,6 +1105,9 @@ def _parser() -> argparse.ArgumentParser:
         help="lpengine's inputs: local files it serves itself (default) or URLs on the bench's file server",
     )
     p.add_argument("--json", type=Path, help="also write every figure as JSON")
+    p.add_argument("--workers", type=int, default=1, help="lpengine worker processes on one batch (needs --state-url)")
+    p.add_argument("--state-url", help="PostgreSQL URL for --workers (LPENGINE_STATE_URL by default)")
+    p.add_argument("--kill-seed", type=int, help="with --workers: SIGKILL the first worker at a moment from this seed")
     return p
 
 
@@ -1041,6 +1141,9 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         profile=args.profile,
         lpengine_overrides=overrides,
         inputs=args.inputs,
+        workers=args.workers,
+        state_url=args.state_url or os.environ.get("LPENGINE_STATE_URL"),
+        kill_seed=args.kill_seed,
     )
 
 

@@ -50,8 +50,11 @@ def _row(result: ItemResult) -> dict[str, object]:
 
 @contextmanager
 def _replacing(path: Path, *, newline: str | None = None) -> Iterator[TextIO]:
-    """A temporary file that replaces `path` only once it is completely written: no reader sees half a report."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """A temporary file that replaces `path` only once it is completely written: no reader sees half a report.
+
+    Named by process: workers sharing an output folder (docs/scaling.md) each write the batch's report at their end.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", encoding="utf-8", newline=newline) as fh:
             yield fh

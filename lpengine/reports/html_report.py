@@ -106,7 +106,7 @@ def write_html_report(
     """Write `out_dir/report.html` atomically and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "report.html"
-    tmp = out_dir / ".report.html.tmp"
+    tmp = out_dir / f".report.html.{os.getpid()}.tmp"  # by process: workers may share the folder
     base = os.path.abspath(out_dir)
     thumbnails = _thumbnails(r.input for r in report.items[:THUMBNAIL_ROWS])
     try:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
 import psycopg
 import pytest
-from typer.testing import CliRunner, Result
 
 from lpengine import Engine, load_config
-from lpengine.cli import app
 from lpengine.emulator import EmulatorSettings, run_emulator
 from lpengine.errors import StateStoreError
 from lpengine.state.postgres import _MIGRATIONS, SCHEMA_VERSION, PostgresStateStore, upgrade
@@ -99,9 +100,11 @@ async def test_an_unusable_database_is_one_line_naming_host_and_database(
     assert "\n" not in message and wrong not in message and PASSWORD not in message
 
 
-async def cli(*args: str, env: dict[str, str] | None = None) -> Result:
-    """The command line in a thread: it runs its own event loop."""
-    return await anyio.to_thread.run_sync(lambda: CliRunner().invoke(app, list(args), env=env))
+async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """The command line as users run it, in its own process (in-process, its logging setup would outlive the test)."""
+    return await anyio.run_process(
+        [sys.executable, "-m", "lpengine", *args], env={**os.environ, **(env or {})}, check=False
+    )
 
 
 def _closed_port() -> int:
@@ -154,8 +157,8 @@ async def test_a_batch_runs_on_postgres_and_status_reads_it(tmp_path: Path, pg_u
         assert [r.state.value for r in again.items] == ["succeeded"] * 4
     assert not (tmp_path / "out" / ".lpengine" / "state.db").exists()
     status = await cli("status", str(path), "--json")
-    assert status.exit_code == 0, status.output
-    assert '"succeeded": 4' in status.output
+    assert status.returncode == 0, status.stderr
+    assert '"succeeded": 4' in status.stdout.decode()
 
 
 async def test_a_run_against_a_database_without_schema_sends_nothing(tmp_path: Path, pg_server: PgServer) -> None:
@@ -166,8 +169,8 @@ async def test_a_run_against_a_database_without_schema_sends_nothing(tmp_path: P
     async with run_emulator(EmulatorSettings(api_keys=[KEY], speedup=200.0, video="stub")) as emu:
         path = write_batch(tmp_path, emu.base_url, 200.0)
         result = await cli("run", str(path), env={"LPENGINE_STATE_URL": url, "DASHSCOPE_API_KEY": KEY})
-        assert result.exit_code == 2
-        assert "lpengine db upgrade" in result.output and PASSWORD not in result.output
+        assert result.returncode == 2
+        assert "lpengine db upgrade" in result.stderr.decode() and PASSWORD not in result.stderr.decode()
         assert sum(emu.stats().requests.values()) == 0
         upgraded = await cli("db", "upgrade", str(path), env={"LPENGINE_STATE_URL": url})
-        assert upgraded.exit_code == 0 and f"schema version 0 -> {SCHEMA_VERSION}" in upgraded.output
+        assert upgraded.returncode == 0 and f"schema version 0 -> {SCHEMA_VERSION}" in upgraded.stdout.decode()
