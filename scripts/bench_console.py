@@ -185,7 +185,7 @@ def bench_cpu(items: int, listeners: int, repeat: int, workdir: Path) -> dict[st
 
 
 async def bench_page(items: int, workdir: Path) -> dict[str, Any]:
-    from lpengine.state.store import SqliteStateStore
+    from lpengine.state import SqliteStateStore
     from lpengine.web import ConsoleSettings, open_console
 
     base = _base_yaml(workdir / "base.yaml", "http://127.0.0.1:9/api/v1", workdir, workdir / "voice.wav")
