@@ -56,8 +56,8 @@ class InputRejectedError(LPEngineError):
         super().__init__(f"{self.path}: {reason}")
 
 
-class StorageError(LPEngineError):
-    """Publishing a file where the API can fetch it failed."""
+class _RetryableByCase(LPEngineError):
+    """An error type whose cases differ in whether retrying helps, so each instance says."""
 
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
@@ -68,19 +68,15 @@ class StorageError(LPEngineError):
         return self._retryable
 
 
-class StateStoreError(LPEngineError):
+class StorageError(_RetryableByCase):
+    """Publishing a file where the API can fetch it failed."""
+
+
+class StateStoreError(_RetryableByCase):
     """The state database cannot be used (unreachable, refused login, missing or older schema); nothing was sent.
 
     Messages name the host and database, never the password. Retrying helps only when the server was unreachable.
     """
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self._retryable = retryable
-
-    @property
-    def is_retryable(self) -> bool:
-        return self._retryable
 
 
 class LeaseLostError(LPEngineError):

@@ -105,3 +105,8 @@ def stored_item(row: Any) -> StoredItem:
         task_id=row[4],
         data=orjson.loads(row[5]),
     )
+
+
+def stored_upload(row: Any) -> StoredUpload | None:
+    """A row of (url, resolve, expires_at, created_key), as both backends select it; None for no row."""
+    return StoredUpload(str(row[0]), bool(row[1]), float(row[2]), row[3]) if row else None

@@ -31,7 +31,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from lpengine.errors import LeaseLostError, StateStoreError
-from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item
+from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item, stored_upload
 
 T = TypeVar("T")
 
@@ -390,7 +390,7 @@ class PostgresStateStore:
             "WHERE batch = %s AND sha = %s AND model = %s AND backend = %s",
             (self.batch, sha, model, backend),
         )
-        return StoredUpload(str(row[0]), bool(row[1]), float(row[2]), row[3]) if row else None
+        return stored_upload(row)
 
     async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None:
         await self._write(

@@ -27,7 +27,7 @@ from typing import Any, Self
 import anyio
 import orjson
 
-from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item
+from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item, stored_upload
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
@@ -195,7 +195,7 @@ class SqliteStateStore:
             "SELECT url, resolve, expires_at, created_key FROM uploads WHERE sha = ? AND model = ? AND backend = ?",
             (sha, model, backend),
         )
-        return StoredUpload(str(row[0]), bool(row[1]), float(row[2]), row[3]) if row else None
+        return stored_upload(row)
 
     async def put_upload(self, sha: str, model: str, backend: str, upload: StoredUpload) -> None:
         await self._write(
