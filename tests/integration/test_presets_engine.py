@@ -13,7 +13,7 @@ import pytest
 
 from lpengine import Engine, ItemState, load_config
 from lpengine.emulator import EmulatorSettings, run_emulator
-from lpengine.state.store import SqliteStateStore
+from lpengine.state import SqliteStateStore
 from tests.conftest import write
 from tests.helpers import cancel_after_first_submit, write_batch
 
