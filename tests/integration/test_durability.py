@@ -107,6 +107,7 @@ def run_cli(config: Path, *, kill_after_lines: int | None = None) -> int | None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # eleven CLI runs: ~60 s on a quiet host, past the default 120 s with both cores busy
 def test_random_kills_then_resume_pay_once_and_lose_nothing(tmp_path: Path, emulator_url: str) -> None:
     """100 items, SIGKILLed at 10 seeded moments and resumed each time: every item succeeds, no image is detected
     or submitted twice, and no partial or corrupt file is left."""
