@@ -445,6 +445,43 @@ async def _rebuild(cfg: BatchConfig, secrets: Secrets) -> RunReport:
 
 
 @app.command()
+def analyze(
+    videos: Annotated[list[Path], typer.Argument(help="Video files, or one batch output folder (with report.json).")],
+    audio: Annotated[Path | None, typer.Option("--audio", help="The voice track the videos should carry.")] = None,
+    fps: Annotated[int | None, typer.Option("--fps", min=1, max=240, help="The frame rate asked for.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"videos": [...]} only.')] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="Worker processes.")] = 2,
+) -> None:
+    """Judge videos without watching them: verdict ok/warn/bad, flags, metrics (docs/analysis.md).
+
+    Exit 0 all ok · 1 some warn or bad · 2 bad usage (a missing, empty or non-video file: one line each).
+    Examples: lpengine analyze out/a.mp4 --audio voice.wav --fps 25 · lpengine analyze output/demo
+    """
+    from lpengine.analysis import missing_extra
+    from lpengine.analysis.files import BadInput, analyze_files, expectations
+    from lpengine.config import AnalysisConfig
+
+    if hint := missing_extra():
+        raise _fail([hint], EXIT_CONFIG)
+    expect = expectations(audio, fps)
+    if isinstance(expect, BadInput):
+        raise _fail([f"--audio {expect}"], EXIT_CONFIG)
+    config = AnalysisConfig(workers=workers)
+    results = _run_async(lambda: analyze_files(videos, expect, config))
+    judged = [r for r in results if not isinstance(r, BadInput)]
+    for bad in (r for r in results if isinstance(r, BadInput)):
+        typer.echo(f"error: {bad}", err=True)
+    if as_json:
+        typer.echo(json.dumps({"videos": [r.to_dict() for r in judged]}, ensure_ascii=False))
+    else:
+        for r in judged:
+            typer.echo(f"{r.verdict:<4} {r.score:>3}  {r.path}  {', '.join(r.flags) or '-'}")
+    if len(judged) < len(results):
+        raise typer.Exit(EXIT_CONFIG)
+    raise typer.Exit(EXIT_OK if all(r.verdict == "ok" for r in judged) else EXIT_FAILED)
+
+
+@app.command()
 def emulator(
     port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).")] = 8089,
     host: Annotated[str, typer.Option(help="Bind address; loopback unless you mean it.")] = "127.0.0.1",

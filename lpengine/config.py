@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from lpengine.errors import ConfigError
 
 __all__ = [
+    "AnalysisConfig",
+    "AnalysisThresholds",
     "ApiConfig",
     "BatchConfig",
     "ConcurrencyConfig",
@@ -327,6 +329,47 @@ class LimitsConfig(_Model):
     """Initial guess of task run time ÷ audio duration; learnt from finished tasks as the batch goes."""
 
 
+class AnalysisThresholds(_Model):
+    """When a measured video earns a flag (docs/analysis.md gives the reason for each default)."""
+
+    duration_tolerance_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    """`duration_mismatch` when the video and the input voice track differ by more than this."""
+    fps_tolerance: Annotated[float, Field(gt=0, le=30)] = 0.5
+    """`fps_mismatch` when the video's frame rate is further than this from the requested `video_fps`."""
+    frozen_min_s: Annotated[float, Field(gt=0, le=600)] = 2.0
+    """`frozen` when the picture stands still for at least this long (or over `frozen_max_fraction` of it)."""
+    frozen_max_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    """`frozen` when still runs cover at least this share of the video, however short each run."""
+    freeze_noise: Annotated[float, Field(gt=0, le=1)] = 0.0001
+    """freezedetect's noise floor: mean absolute frame difference (0–1) below which two frames are the same."""
+    black_min_s: Annotated[float, Field(gt=0, le=600)] = 0.5
+    """`black_frames` when black frames run for at least this long."""
+    face_min_fraction: Annotated[float, Field(ge=0, le=1)] = 0.7
+    """`no_face` when a face is found in fewer than this share of the sampled frames."""
+    lip_sync_max_offset_ms: Annotated[float, Field(gt=0, le=5000)] = 160.0
+    """`lip_sync_offset` when mouth motion best matches the voice at a lag beyond this, either way."""
+    lip_sync_min_correlation: Annotated[float, Field(ge=0, le=1)] = 0.5
+    """`lip_sync_weak` when mouth motion correlates with the voice's loudness less than this at its best lag."""
+
+
+class AnalysisConfig(_Model):
+    """Judging every downloaded video (frozen, black, no face, lips out of step...) before anyone watches it."""
+
+    enabled: bool = True
+    """Analyse each video after its download; off, items end as before with no verdict."""
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    """Worker processes that decode videos (CPU work, kept off the event loop)."""
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    """One video's analysis longer than this ends as `analysis_failed` (the video is kept)."""
+    audio_missing: Literal["ignore", "warn", "bad"] = "warn"
+    """Severity of `audio_missing`: the contract does not say whether results carry the voice track."""
+    thresholds: AnalysisThresholds = AnalysisThresholds()
+    """When a video earns each flag."""
+    sync_model: str | None = None
+    """Optional `module:function` of a learned lip-sync scorer you supply (docs/analysis.md); its figures are
+    recorded beside the model-free ones."""
+
+
 class BatchConfig(_Model):
     """One batch: inputs, the voice track, video parameters, and how to reach the API and storage."""
 
@@ -348,6 +391,8 @@ class BatchConfig(_Model):
     logging: LoggingConfig = LoggingConfig()
     pricing: PricingConfig = PricingConfig()
     limits: LimitsConfig = LimitsConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+    """Judging each downloaded video: verdict, flags and score in the reports (docs/analysis.md)."""
     base_dir: Path = Path(".")
     """Folder that relative paths are resolved against (set by `load_config` to the config file's folder)."""
     preset_context: PresetContext = PresetContext()

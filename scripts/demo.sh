@@ -2,7 +2,7 @@
 # Set up and run the bundled demo against the in-process DashScope emulator (no API key, no cost).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh emulator
+bash scripts/setup.sh emulator,analysis
 code=0
 .venv/bin/python -m lpengine run configs/demo.yaml "$@" || code=$?
 if [ "$code" -eq 1 ]; then

@@ -31,7 +31,6 @@ from lpengine.emulator.media import (
     FaceDetector,
     ImageInfo,
     MediaError,
-    encode_video,
     inspect_audio,
     inspect_image,
     make_thumbnail,
@@ -39,7 +38,7 @@ from lpengine.emulator.media import (
     stub_video,
     video_encoder_available,
 )
-from lpengine.emulator.settings import EmulatorSettings, Endpoint, FaultSettings
+from lpengine.emulator.settings import Defect, EmulatorSettings, Endpoint, FaultSettings
 from lpengine.emulator.state import (
     UPLOAD_MAX_MB,
     ApiError,
@@ -55,6 +54,7 @@ from lpengine.emulator.state import (
     format_time,
     parse_list_time,
 )
+from lpengine.emulator.talking import Look, render
 
 __all__ = ["RunningEmulator", "run_emulator", "serve_forever"]
 
@@ -108,8 +108,22 @@ def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _look(parameters: object, defect: Defect | None) -> tuple[int, Look]:
+    """Validate `parameters` against §3's ranges; returns the frame rate (default 24) and how the head moves."""
+    fps = _video_fps(parameters)
+    given = parameters if isinstance(parameters, dict) else {}
+    defaults = Look()
+    look = Look(
+        template_id=given.get("template_id", defaults.template_id),
+        head_move_strength=float(given.get("head_move_strength", defaults.head_move_strength)),
+        eye_move_freq=float(given.get("eye_move_freq", defaults.eye_move_freq)),
+        mouth_move_strength=float(given.get("mouth_move_strength", defaults.mouth_move_strength)),
+        defect=defect,
+    )
+    return fps, look
+
+
 def _video_fps(parameters: object) -> int:
-    """Validate `parameters` against §3's ranges; returns the frame rate (default 24)."""
     if parameters is None:
         return 24
     if not isinstance(parameters, dict):
@@ -362,7 +376,8 @@ class _Emulator:
             raise _missing("input.image_url")
         if audio_url is None:
             raise _missing("input.audio_url")
-        fps = _video_fps(payload.get("parameters"))
+        defect = self.state.rule("defect", image_url)
+        fps, look = _look(payload.get("parameters"), defect.defect if defect else None)
         image_bytes = await self._fetch(request, image_url, VIDEO_MODEL, IMAGE_MAX_BYTES)
         audio_bytes = await self._fetch(request, audio_url, VIDEO_MODEL, AUDIO_MAX_BYTES)
         if image_bytes is None or audio_bytes is None:
@@ -377,7 +392,7 @@ class _Emulator:
             failure = ("InvalidImage.NoHumanFace", problem)
         elif self.real_video:
             thumbnail = await anyio.to_thread.run_sync(make_thumbnail, image)
-            media = ((image.sha256, audio.sha256, fps), thumbnail, audio_bytes)
+            media = ((image.sha256, audio.sha256, fps, look), thumbnail, audio_bytes)
         task = self.state.submit(
             request_id=request[_REQUEST_ID],
             api_key=api_key,
@@ -586,7 +601,7 @@ class _Emulator:
             cached = self._videos.get(key)
             if cached is None:
                 thumbnail, audio = self.state.blob(key[0]), self.state.blob(key[1])
-                cached = await anyio.to_thread.run_sync(encode_video, thumbnail, audio, key[2])
+                cached = await anyio.to_thread.run_sync(render, thumbnail, audio, key[2], key[3])
                 self._videos[key] = cached
                 self._video_bytes += len(cached)
                 while self._video_bytes > _VIDEO_CACHE_BYTES and len(self._videos) > 1:

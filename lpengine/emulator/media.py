@@ -12,7 +12,6 @@ import hashlib
 import importlib
 import importlib.util
 import io
-import math
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -29,7 +28,6 @@ __all__ = [
     "FaceDetector",
     "ImageInfo",
     "MediaError",
-    "encode_video",
     "inspect_audio",
     "inspect_image",
     "make_thumbnail",
@@ -49,7 +47,6 @@ _THUMB_SIDE = 256  # result videos are small on purpose: they are only checked, 
 _HAAR_SIDE = 256  # detection input size: large enough for a portrait's face, fast (~8 ms)
 _RULE_MIN_STDDEV = 8.0  # grayscale stddev below this = a near-uniform image, no face possible
 _STUB_ASSET = "emulator-stub.mp4"
-_AUDIO_RATE = 16_000  # mono speech: a quarter of the AAC encoding work of 44.1 kHz
 
 Detector = Literal["haar", "rule", "always_pass"]
 NO_FACE_MESSAGE = "No human face detected."  # §2
@@ -219,39 +216,5 @@ def video_encoder_available() -> bool:
 
 @cache
 def stub_video() -> bytes:
-    """A 1 s, 64×64 grey H.264 + silent AAC MP4 (made once with `encode_video`; see docs/emulator.md)."""
+    """A 1 s, 64×64 grey H.264 + silent AAC MP4 (made once with `talking.render`; see docs/emulator.md)."""
     return resources.files("lpengine").joinpath("assets", _STUB_ASSET).read_bytes()
-
-
-def encode_video(thumbnail_jpeg: bytes, audio: bytes, fps: int) -> bytes:
-    """The still image for the audio's whole length at `fps`, H.264 + AAC in MP4, all in memory (no ffmpeg binary:
-    PyAV's wheel bundles the codecs). Blocking; call it from a worker thread."""
-    av, np = _heavy("av"), _heavy("numpy")
-    pixels = np.asarray(Image.open(io.BytesIO(thumbnail_jpeg)).convert("RGB"))
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=_AUDIO_RATE)
-    samples: list[Any] = []
-    with av.open(io.BytesIO(audio), mode="r") as src:
-        for frame in src.decode(audio=0):
-            samples.extend(resampler.resample(frame))
-    samples.extend(resampler.resample(None))
-    duration = sum(f.samples for f in samples) / _AUDIO_RATE
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="mp4") as dst:
-        video = dst.add_stream("libx264", rate=fps)
-        video.width, video.height = pixels.shape[1], pixels.shape[0]
-        video.pix_fmt = "yuv420p"
-        video.options = {"preset": "ultrafast", "tune": "stillimage"}
-        sound = dst.add_stream("aac", rate=_AUDIO_RATE)
-        sound.layout = "mono"
-        sound.bit_rate = 48_000
-        sound.options = {"aac_coder": "fast"}  # 4× faster than the default coder; this is speech, not music
-        still = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p")
-        for index in range(max(1, math.ceil(duration * fps))):
-            still.pts = index
-            dst.mux(video.encode(still))
-        dst.mux(video.encode(None))
-        for frame in samples:
-            frame.pts = None
-            dst.mux(sound.encode(frame))
-        dst.mux(sound.encode(None))
-    return out.getvalue()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "ERROR_CATALOGUE",
+    "Defect",
     "EmulatorSettings",
     "Endpoint",
     "FaultAction",
@@ -28,6 +29,11 @@ Endpoint = Literal["detect", "submit", "task", "list", "cancel", "policy", "uplo
 OSS form POST, `download` is a result MP4 GET.
 """
 
+Defect = Literal[
+    "frozen", "black", "truncated", "wrong_fps", "lip_lag", "lip_unsynced", "face_lost", "no_audio", "corrupt"
+]
+"""Defective results the `defect` fault rule makes (`lpengine/emulator/talking.py`)."""
+
 FaultAction = Literal[
     "fail_task",
     "expire_result",
@@ -38,6 +44,7 @@ FaultAction = Literal[
     "truncate_download",
     "corrupt_download",
     "detect_fail",
+    "defect",
 ]
 
 ERROR_CATALOGUE: dict[str, tuple[int, str]] = {
@@ -115,7 +122,8 @@ class FaultRule(_Model):
     `truncate_download`: the MP4 is cut half-way (Content-Length promises the full size).
     `corrupt_download`: the MP4 arrives with the full length but flipped bytes (its `ftyp` box is destroyed).
     `detect_fail`: the face verdict is "no face" (detect answers pass:false; a task fails
-    `InvalidImage.NoHumanFace`)."""
+    `InvalidImage.NoHumanFace`).
+    `defect`: the task succeeds with a defective video of the kind `defect` names (real video mode)."""
     code: str | None = None
     """Error code for `error` (default `InternalError`) and `fail_task` (default `InternalError.Algo`)."""
     message: str | None = None
@@ -124,6 +132,9 @@ class FaultRule(_Model):
     """Restricts `error` and `drop` to one endpoint; other actions are bound to their own endpoint."""
     times: Annotated[int, Field(ge=1)] | None = None
     """Apply at most this many times (counted per `set_faults`); None = always."""
+    defect: Defect | None = None
+    """For `defect`: frozen, black, truncated, wrong_fps, lip_lag, lip_unsynced, face_lost, no_audio or corrupt
+    (`lpengine/emulator/talking.py` says what each looks like)."""
 
     @model_validator(mode="after")
     def _fits_action(self) -> Self:
@@ -133,6 +144,8 @@ class FaultRule(_Model):
             _check_codes([self.code])
         if self.message is not None and self.action not in _MESSAGE_ACTIONS:
             raise ValueError(f"`message` has no effect on action {self.action!r}")
+        if (self.defect is None) != (self.action != "defect"):
+            raise ValueError("`defect` names the defect of action 'defect', and only of it")
         if self.endpoint is not None and self.action not in _ENDPOINT_ACTIONS:
             raise ValueError(f"`endpoint` has no effect on action {self.action!r}")
         return self

@@ -32,6 +32,7 @@ from lpengine.emulator.settings import (
     FaultRule,
     FaultSettings,
 )
+from lpengine.emulator.talking import Look
 
 __all__ = [
     "ApiError",
@@ -48,7 +49,8 @@ __all__ = [
 
 TaskStatus = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELED", "UNKNOWN"]
 Family = Literal["detect", "submit", "query", "policy"]
-MediaKey = tuple[str, str, int]
+MediaKey = tuple[str, str, int, Look]
+"""Image sha256, audio sha256, frame rate, and how the head moves: what makes one result video."""
 """(image sha256, audio sha256, fps): what a real-mode result video is made of."""
 
 BEIJING = timezone(timedelta(hours=8))  # the service's region; the API's time strings carry no zone (§1)
