@@ -1,3 +1,5 @@
 from lpengine.cli import main
 
-main()
+# Guarded: worker processes (analysis) re-import the main module under another name, as multiprocessing does.
+if __name__ == "__main__":
+    main()

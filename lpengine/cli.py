@@ -156,6 +156,10 @@ def _summary_lines(report: RunReport, config: BatchConfig) -> list[str]:
                 reasons[text] = reasons.get(text, 0) + 1
     for text, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:8]:
         lines.append(f"  ✗ {n}× {text}")
+    review, names = report.needs_review
+    if review:
+        more = f" (+{review - len(names)} more)" if review > len(names) else ""
+        lines.append(f"{review} video(s) need review: {', '.join(names)}{more} (report.html → needs review)")
     lines.append(f"videos and report.json / report.csv in {config.output_dir}")
     return lines
 
@@ -460,6 +464,7 @@ def analyze(
     from lpengine.analysis import missing_extra
     from lpengine.analysis.files import BadInput, analyze_files, expectations
     from lpengine.config import AnalysisConfig
+    from lpengine.reports.verdicts import judge_batch, looks_like_batch, read_rows
 
     if hint := missing_extra():
         raise _fail([hint], EXIT_CONFIG)
@@ -467,7 +472,15 @@ def analyze(
     if isinstance(expect, BadInput):
         raise _fail([f"--audio {expect}"], EXIT_CONFIG)
     config = AnalysisConfig(workers=workers)
-    results = _run_async(lambda: analyze_files(videos, expect, config))
+    batch = len(videos) == 1 and looks_like_batch(videos[0])
+    if batch:
+        rows = read_rows(videos[0])
+        if isinstance(rows, BadInput):
+            raise _fail([str(rows)], EXIT_CONFIG)
+        folder = videos[0]
+        results = _run_async(lambda: judge_batch(folder, *rows, config))
+    else:
+        results = _run_async(lambda: analyze_files(videos, expect, config))
     judged = [r for r in results if not isinstance(r, BadInput)]
     for bad in (r for r in results if isinstance(r, BadInput)):
         typer.echo(f"error: {bad}", err=True)
@@ -476,7 +489,7 @@ def analyze(
     else:
         for r in judged:
             typer.echo(f"{r.verdict:<4} {r.score:>3}  {r.path}  {', '.join(r.flags) or '-'}")
-    if len(judged) < len(results):
+    if len(judged) < len(results) and not batch:  # in a batch, a vanished video is a finding, not bad usage
         raise typer.Exit(EXIT_CONFIG)
     raise typer.Exit(EXIT_OK if all(r.verdict == "ok" for r in judged) else EXIT_FAILED)
 

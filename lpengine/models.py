@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,9 @@ class Item:
     records, or takes it over if that worker dies (docs/scaling.md)."""
     image_stamp: tuple[int, int, int, int] | None = None
     """The image file's stat stamp taken just before this run read and checked it (`state.base.FileStamp`)."""
+    analysis: dict[str, Any] | None = None
+    """The video's judgement (`lpengine.analysis`): verdict, flags, score, metrics; verdict `analysis_failed` with
+    `metrics.error` when it could not be judged. None: not analysed."""
 
     def finish(self, state: ItemState, reason: str = "", *, transient: bool = False) -> Item:
         """End the item. `transient` outcomes (network trouble, retryable task codes) are retried by a re-run;
@@ -147,7 +151,22 @@ class Item:
             resumed=self.resumed,
             preset=self.spec.preset,
             params=self.spec.params.model_dump(),
+            audio=str(self.audio.path) if self.audio else self.spec.audio,
+            **verdict_fields(self.analysis),
         )
+
+
+def verdict_fields(analysis: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An item's judgement as `ItemResult` fields (all None when it was not analysed)."""
+    if not analysis:
+        return {}
+    score = analysis.get("score")
+    return {
+        "verdict": str(analysis.get("verdict")),
+        "flags": [str(f) for f in analysis.get("flags") or []],
+        "score": int(score) if isinstance(score, int | float) else None,
+        "metrics": dict(analysis.get("metrics") or {}),
+    }
 
 
 def item_identity(output_name: str, image_sha: str, audio_sha: str, params: VideoParams | Mapping[str, Any]) -> str:
@@ -179,6 +198,18 @@ class ItemResult:
     """The preset the item's parameters came from, if any."""
     params: dict[str, Any] | None = None
     """The video parameters the item was (or is to be) submitted with."""
+    audio: str | None = None
+    """The voice track the video was made from (path or URL)."""
+    verdict: str | None = None
+    """ok, warn, bad (docs/analysis.md), analysis_failed, or None when the video was not analysed."""
+    flags: list[str] | None = None
+    score: int | None = None
+    metrics: dict[str, Any] | None = None
+
+    @property
+    def needs_review(self) -> bool:
+        """A video someone should look at: judged warn or bad, or not judgeable."""
+        return self.verdict in ("warn", "bad", "analysis_failed")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, keys in field order (report.json's row layout). Spelled out rather than
@@ -198,12 +229,20 @@ class ItemResult:
             "resumed": self.resumed,
             "preset": self.preset,
             "params": dict(self.params) if self.params is not None else None,
+            "audio": self.audio,
+            "verdict": self.verdict,
+            "flags": self.flags,
+            "score": self.score,
+            "metrics": self.metrics,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ItemResult:
         """The inverse of `to_dict` (JSON keeps every field exactly; only the state needs its enum back)."""
         return cls(**{**data, "state": ItemState(data["state"])})
+
+
+REVIEW_NAMES = 20
 
 
 @dataclass(slots=True)
@@ -215,11 +254,19 @@ class ResultTotals:
     by_state: Counter[ItemState] = field(default_factory=Counter)
     cost_cny: float = 0.0
     """Unrounded: rounding each partial sum would drift from the rounded total of the rows."""
+    needs_review: int = 0
+    """Videos judged warn, bad or analysis_failed (docs/analysis.md)."""
+    review_names: list[str] = field(default_factory=list)
+    """The first `REVIEW_NAMES` of them, by file name, for the run summary."""
 
     def add(self, result: ItemResult) -> None:
         self.items += 1
         self.by_state[result.state] += 1
         self.cost_cny += result.cost_cny
+        if result.needs_review:
+            self.needs_review += 1
+            if len(self.review_names) < REVIEW_NAMES:
+                self.review_names.append(os.path.basename(result.output or result.input))
 
     @classmethod
     def of(cls, results: Iterable[ItemResult]) -> ResultTotals:
@@ -265,6 +312,11 @@ class RunReport:
         return round(self._totals.cost_cny, 6)
 
     @property
+    def needs_review(self) -> tuple[int, list[str]]:
+        """How many videos need a look, and the names of the first of them."""
+        return self._totals.needs_review, list(self._totals.review_names)
+
+    @property
     def ok(self) -> bool:
         return self._totals.by_state[ItemState.SUCCEEDED] == self._totals.items
 
@@ -284,4 +336,6 @@ class RunReport:
             "api_requests": self.api_requests,
             "throttled": self.throttled,
             "retries": self.retries,
+            "needs_review": self._totals.needs_review,
+            "review": list(self._totals.review_names),
         }

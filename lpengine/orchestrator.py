@@ -1,8 +1,12 @@
 """The one place that owns concurrency: a task group of stage workers joined by bounded memory streams.
 
-    intake ─▶ upload×N ─▶ detect×N ─▶ submit×N ─▶ PollScheduler ◀─ poll×N ─▶ download×N ─▶ results
+    intake ─▶ upload×N ─▶ detect×N ─▶ submit×N ─▶ PollScheduler ◀─ poll×N ─▶ download×N ─▶ analysis×N ─▶ results
                  │            │           │                           │            │
                  └────────────┴───────────┴───── finished items ──────┴────────────┴──────▶ results
+
+Downloaded videos are judged (`analysis:`) on their way to the results. That queue never pushes back: a full
+one would stall downloads, then polls, then the submission window, so a video that finds it full (analysis
+`ANALYSIS_BACKLOG` videos behind the service) ends unjudged, which `lpengine analyze OUTPUT_DIR` can fix later.
 
 Each stream holds at most `concurrency.buffer` items, so a slow stage pushes back on the ones before it instead of
 queueing the batch in memory. The submission window is a semaphore taken before a submit and given back when the
@@ -18,11 +22,16 @@ from types import TracebackType
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from lpengine.analysis import Analyzer, missing_extra
 from lpengine.errors import AuthError, LeaseLostError, QuotaError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages import PollScheduler, detect, download, poll_once, prepare, submit, upload
+from lpengine.stages.analyse import analyse
 from lpengine.stages.context import StageContext, current_item
 from lpengine.stages.upload import defer
+
+ANALYSIS_BACKLOG = 1000
+"""Downloaded videos waiting for judgement, at most (a few hundred bytes each)."""
 
 Step = Callable[[StageContext, Item], Awaitable[None]]
 
@@ -93,6 +102,12 @@ class Orchestrator:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.scheduler = PollScheduler(speedup=ctx.speedup, ratio=ctx.config.limits.expected_realtime_factor)
+        self.analyzer: Analyzer | None = None
+        if ctx.config.analysis.enabled:
+            if hint := missing_extra():
+                ctx.log.emit("warning", "analysis.unavailable", reason=hint)
+            else:
+                self.analyzer = Analyzer(ctx.config.analysis)
 
     async def run(self, intake: MemoryObjectReceiveStream[Item], results: MemoryObjectSendStream[Item]) -> None:
         """Run every stage until the intake is closed and drained. Fatal account errors propagate."""
@@ -109,8 +124,13 @@ class Orchestrator:
                 tg.start_soon(self._submit_worker, from_detect.clone(), _SchedulerSink(self.scheduler), results.clone())
             for _ in range(c.poll):
                 tg.start_soon(self._poll_worker, to_download.clone(), results.clone())
+            to_judge, from_download = anyio.create_memory_object_stream[Item](ANALYSIS_BACKLOG)
             for _ in range(c.download):
-                tg.start_soon(self._stage, (download,), from_poll.clone(), None, results.clone())
+                judge = to_judge.clone() if self.analyzer is not None else None
+                tg.start_soon(self._stage, (download,), from_poll.clone(), None, results.clone(), judge)
+            if self.analyzer is not None:
+                for _ in range(self.ctx.config.analysis.workers):
+                    tg.start_soon(self._analysis_worker, self.analyzer, from_download.clone(), results.clone())
             # Workers hold clones; closing the originals lets each stream end when its last producer is done.
             for stream in (
                 intake,
@@ -121,6 +141,8 @@ class Orchestrator:
                 from_detect,
                 to_download,
                 from_poll,
+                to_judge,
+                from_download,
             ):
                 stream.close()
 
@@ -156,7 +178,9 @@ class Orchestrator:
         inbox: MemoryObjectReceiveStream[Item],
         outbox: MemoryObjectSendStream[Item] | None,
         results: MemoryObjectSendStream[Item],
+        judge: MemoryObjectSendStream[Item] | None = None,
     ) -> None:
+        """`judge`: where succeeded items go to be analysed before they are finished."""
         async with inbox, results:
             try:
                 async for item in drain(inbox):
@@ -165,13 +189,39 @@ class Orchestrator:
                         if item.state is not None:
                             break
                     if item.state is not None or outbox is None:
-                        await self._finish(item, results)
+                        if judge is None or not self._to_judge(judge, item):
+                            await self._finish(item, results)
                     else:
                         self.ctx.emit(item, "stage.done", level="debug")
                         await handoff(outbox, item)
             finally:
-                if outbox is not None:
-                    outbox.close()
+                for stream in (outbox, judge):
+                    if stream is not None:
+                        stream.close()
+
+    def _to_judge(self, judge: MemoryObjectSendStream[Item], item: Item) -> bool:
+        """Queue a succeeded, unjudged item for analysis without waiting (see the module docstring)."""
+        if item.state is not ItemState.SUCCEEDED or item.analysis is not None or item.output_path is None:
+            return False
+        try:
+            judge.send_nowait(item)
+        except anyio.WouldBlock:
+            self.ctx.emit(
+                item,
+                "analysis.skipped",
+                level="warning",
+                reason=f"analysis is {ANALYSIS_BACKLOG} videos behind; `lpengine analyze OUTPUT_DIR` judges it later",
+            )
+            return False
+        return True
+
+    async def _analysis_worker(
+        self, analyzer: Analyzer, inbox: MemoryObjectReceiveStream[Item], results: MemoryObjectSendStream[Item]
+    ) -> None:
+        async with inbox, results:
+            async for item in drain(inbox):
+                await analyse(self.ctx, analyzer, item)
+                await self._finish(item, results)
 
     async def _submit_worker(
         self,

@@ -57,6 +57,8 @@ class Expectations:
     """The requested `video_fps`."""
     photo_size: tuple[int, int] | None = None
     """The input photo's width and height."""
+    photo_path: str | None = None
+    """The input photo, whose size is read from its header when `photo_size` is not given."""
     mouth_moves: bool = True
     """False when `mouth_move_strength` is 0: a still mouth is then what was asked for."""
 

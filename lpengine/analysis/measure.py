@@ -41,6 +41,7 @@ _FREEZE_GRANULE_S = 0.5  # freezedetect's own minimum duration; runs are then ju
 _BLACK_FILTER = "d=0:pix_th=0.10:pic_th=0.98"  # FFmpeg's defaults, any length (the threshold judges length)
 _LUMA_FIRST = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12", "gray"})
 _BOX_MOVE = 0.15  # a new detection re-anchors the face only when it moved this share of its width
+_STRIP_HEIGHT = 96  # px of each frame in the report's strip
 _RETRIES = 2  # frames after a sampled frame that missed the face, looked at before counting it absent
 
 
@@ -69,10 +70,15 @@ class Measurements:
 
 
 def measure(
-    path: str, expected_audio: str | None = None, freeze_noise: float = 0.0001, sync_model: str | None = None
+    path: str,
+    expected_audio: str | None = None,
+    freeze_noise: float = 0.0001,
+    sync_model: str | None = None,
+    strip: str | None = None,
 ) -> Measurements:
     """Decode `path` once. Raises `NotAVideo` for a file that is no video; a video that breaks while decoding
-    comes back with `decode_error` set and whatever was measured before."""
+    comes back with `decode_error` set and whatever was measured before. With `strip`, three frames (at 1/6, 1/2
+    and 5/6 of the video) are written there side by side as one JPEG."""
     if os.path.getsize(path) == 0:
         raise NotAVideo("the file is empty")
     try:
@@ -85,7 +91,10 @@ def measure(
         m = Measurements()
         if container.duration is not None:
             m.container_duration_s = container.duration / 1_000_000
-        voice, mouths = _decode(container, m, freeze_noise)
+        shots: list[np.ndarray] = []
+        voice, mouths = _decode(container, m, freeze_noise, shots if strip else None)
+    if strip and shots:
+        _write_strip(strip, shots)
     if expected_audio is not None:
         expected = read_voice(expected_audio)
         if expected is None:
@@ -115,7 +124,9 @@ def read_voice(path: str) -> np.ndarray | None:
     return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
-def _decode(container: Any, m: Measurements, freeze_noise: float) -> tuple[np.ndarray | None, np.ndarray]:
+def _decode(
+    container: Any, m: Measurements, freeze_noise: float, shots: list[np.ndarray] | None
+) -> tuple[np.ndarray | None, np.ndarray]:
     video = container.streams.video[0]
     video.codec_context.thread_count = 1  # one core per worker: the pool, not the codec, spreads the load
     audio = container.streams.audio[0] if container.streams.audio else None
@@ -125,6 +136,8 @@ def _decode(container: Any, m: Measurements, freeze_noise: float) -> tuple[np.nd
     events = _Events()
     graph = None
     faces = _FaceTracker(m.fps or 25.0)
+    expected = video.frames or round((m.container_duration_s or 0.0) * (m.fps or 0.0))
+    wanted = {max(0, (expected * k) // 6) for k in (1, 3, 5)} if shots is not None else set()
     mouths: list[np.ndarray] = []
     samples: list[np.ndarray] = []
     resampler = av.AudioResampler(format="flt", layout="mono", rate=AUDIO_RATE) if audio is not None else None
@@ -147,6 +160,10 @@ def _decode(container: Any, m: Measurements, freeze_noise: float) -> tuple[np.nd
                 crop = faces.mouth(_luma(frame), m.frame_count, frame.time or 0.0)
                 if crop is not None:
                     mouths.append(crop)
+                if m.frame_count in wanted and shots is not None:
+                    height = _STRIP_HEIGHT
+                    width = max(2, round(frame.width * height / max(1, frame.height)))
+                    shots.append(frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
                 m.frame_count += 1
         if resampler is not None:
             samples.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
@@ -170,6 +187,18 @@ def _decode(container: Any, m: Measurements, freeze_noise: float) -> tuple[np.nd
         m.voice_source = "video"
     # Only frames since the first face sighting have a crop; a video whose face shows late is judged by no_face.
     return voice, np.stack(mouths) if mouths else np.zeros((0, _MOUTH_SIZE[1], _MOUTH_SIZE[0]), np.float32)
+
+
+def _write_strip(path: str, shots: list[np.ndarray]) -> None:
+    """Atomically, so a report never links half a picture."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(np.hstack(shots), cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    if not ok:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data.tobytes())
+    os.replace(tmp, path)
 
 
 def _filters(frame: Any, time_base: Any, freeze_noise: float) -> Any:

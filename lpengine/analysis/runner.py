@@ -7,20 +7,34 @@ reused, and are killed when a wait is cancelled or times out.
 
 from __future__ import annotations
 
+import dataclasses
+
 import anyio
 import anyio.to_process
+from PIL import Image
 
 from lpengine.analysis.judge import Expectations, VideoAnalysis, judge
 from lpengine.config import AnalysisConfig
 
 
-def analyze_video(path: str, expect: Expectations, config: AnalysisConfig) -> VideoAnalysis:
-    """Blocking: decode and judge one video. Raises `NotAVideo` for a file that is no video at all and
-    `OSError` for one that cannot be read."""
+def analyze_video(path: str, expect: Expectations, config: AnalysisConfig, strip: str | None = None) -> VideoAnalysis:
+    """Blocking: decode and judge one video; with `strip`, also write a JPEG of three of its frames there (for
+    the HTML report). Raises `NotAVideo` for a file that is no video at all and `OSError` for one that cannot be
+    read."""
     from lpengine.analysis.measure import measure
 
-    measured = measure(path, expect.audio_path, config.thresholds.freeze_noise, config.sync_model)
+    if expect.photo_size is None and expect.photo_path is not None:
+        expect = dataclasses.replace(expect, photo_size=_photo_size(expect.photo_path))
+    measured = measure(path, expect.audio_path, config.thresholds.freeze_noise, config.sync_model, strip)
     return judge(path, measured, expect, config)
+
+
+def _photo_size(path: str) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as image:  # the header only: no pixels are decoded
+            return image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 class Analyzer:
@@ -30,9 +44,9 @@ class Analyzer:
         self.config = config
         self._limiter = anyio.CapacityLimiter(config.workers)
 
-    async def analyze(self, path: str, expect: Expectations) -> VideoAnalysis:
+    async def analyze(self, path: str, expect: Expectations, strip: str | None = None) -> VideoAnalysis:
         """Raises what the worker raised, or `TimeoutError`; the worker is killed on a timeout or cancellation."""
         with anyio.fail_after(self.config.timeout_s):
             return await anyio.to_process.run_sync(
-                analyze_video, path, expect, self.config, cancellable=True, limiter=self._limiter
+                analyze_video, path, expect, self.config, strip, cancellable=True, limiter=self._limiter
             )

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from lpengine.models import ItemResult, ItemState, RunReport
+from lpengine.models import ItemResult, ItemState, RunReport, verdict_fields
 from lpengine.reports.html_report import write_html_report
 
 __all__ = ["CSV_COLUMNS", "result_from_state", "write_reports"]
@@ -29,6 +29,9 @@ CSV_COLUMNS = [
     "resumed",
     "preset",
     "params",
+    "verdict",
+    "flags",
+    "score",
     "t_check",
     "t_upload",
     "t_detect",
@@ -43,6 +46,7 @@ def _row(result: ItemResult) -> dict[str, object]:
     timings = data.pop("timings")
     row = {k: v for k, v in data.items() if k in CSV_COLUMNS}
     row["params"] = json.dumps(data["params"], sort_keys=True) if data["params"] is not None else None
+    row["flags"] = " ".join(result.flags or [])
     for stage in ("check", "upload", "detect", "submit", "poll", "download"):
         row[f"t_{stage}"] = timings.get(stage)
     return row
@@ -122,4 +126,5 @@ def result_from_state(data: dict[str, object], detect_price: float, video_price:
         cost_cny=round(cost, 6),
         preset=str(data["preset"]) if data.get("preset") else None,
         params=dict(params) if isinstance(params := data.get("params"), dict) else None,
+        **verdict_fields(data.get("analysis") if isinstance(data.get("analysis"), dict) else None),  # type: ignore[arg-type]
     )

@@ -33,6 +33,8 @@ __all__ = ["THUMBNAIL_PX", "THUMBNAIL_ROWS", "suggest_fix", "write_html_report"]
 THUMBNAIL_ROWS = 500
 THUMBNAIL_PX = 160
 
+_VERDICT_COLOURS = {"ok": "#15803d", "warn": "#b45309", "bad": "#b91c1c", "analysis_failed": "#64748b"}
+
 _COLOURS: dict[ItemState, str] = {
     ItemState.SUCCEEDED: "#15803d",
     ItemState.REJECTED_LOCALLY: "#b45309",
@@ -158,7 +160,7 @@ def _write_page(
     fh.write(_filters(report, counts))
     fh.write(
         '<table id="items" data-filter="all">\n<thead><tr><th class="num">#</th><th>Input</th><th>State</th>'
-        "<th>Video</th><th>Details</th><th>Reason and suggested fix</th></tr></thead>\n<tbody>\n"
+        "<th>Video</th><th>Verdict</th><th>Details</th><th>Reason and suggested fix</th></tr></thead>\n<tbody>\n"
     )
     for index, result in enumerate(report.items):
         thumbnail = thumbnails[index] if index < len(thumbnails) else None
@@ -211,6 +213,9 @@ def _filters(report: RunReport, counts: dict[str, int]) -> str:
     failed = len(report.items) - counts.get(ItemState.SUCCEEDED.value, 0)
     buttons = [("all", f"All {len(report.items):,}", "#334155"), ("failed", f"Not succeeded {failed:,}", "#475569")]
     buttons += [(s.value, f"{s.value} {counts[s.value]:,}", _COLOURS[s]) for s in ItemState if s.value in counts]
+    review, _ = report.needs_review
+    if review:
+        buttons.append(("review", f"needs review {review:,}", _VERDICT_COLOURS["bad"]))
     return (
         '<nav class="filters" aria-label="filter rows by state">'
         + "".join(
@@ -231,13 +236,14 @@ def _row(index: int, result: ItemResult, thumbnail: str | None, base: str) -> st
         label = "URL" if "://" in result.input else ("—" if index >= THUMBNAIL_ROWS else "no preview")
         thumb = f'<span class="thumb ph">{label}</span>'
     return (
-        f'<tr data-state="{state.value}">'
+        f'<tr data-state="{state.value}"{" data-review" if result.needs_review else ""}>'
         f'<td class="num">{index + 1}</td>'
         f'<td><div class="input">{thumb}<div><div class="name">{escape(name)}</div>'
         f'<div class="path">{_breakable(result.input)}</div></div></div></td>'
         f'<td><span class="badge" style="--c:{_COLOURS[state]}">{state.value}</span>'
         f"{'<div class=path>resumed</div>' if result.resumed else ''}</td>"
         f"<td>{_video(index, result, base)}</td>"
+        f"<td>{_verdict(result, base)}</td>"
         f"<td>{_details(result)}</td>"
         f"<td>{_reason(result)}</td></tr>\n"
     )
@@ -262,6 +268,27 @@ def _video(index: int, result: ItemResult, base: str) -> str:
         f'<video controls preload="{preload}" src="{src}"></video>'
         f'<div class="path"><a href="{src}">{escape(os.path.basename(result.output))}</a></div>'
     )
+
+
+def _verdict(result: ItemResult, base: str) -> str:
+    """The judgement of the video (docs/analysis.md) and a strip of three of its frames, when it was judged."""
+    if result.verdict is None:
+        return '<span class="muted">—</span>'
+    colour = _VERDICT_COLOURS.get(result.verdict, "#64748b")
+    parts = [f'<span class="badge verdict" style="--c:{colour}">{escape(result.verdict)}</span>']
+    if result.score is not None:
+        parts.append(f'<span class="score">{result.score}</span>')
+    if result.flags:
+        parts.append('<div class="flags">' + " ".join(f"<code>{escape(f)}</code>" for f in result.flags) + "</div>")
+    error = (result.metrics or {}).get("error")
+    if error:
+        parts.append(f'<div class="path">{escape(str(error))}</div>')
+    if result.output:
+        strip = os.path.join(base, ".lpengine", "frames", Path(result.output).stem + ".jpg")
+        if os.path.isfile(strip):
+            src = escape(quote(f".lpengine/frames/{Path(result.output).stem}.jpg"))
+            parts.append(f'<img class="strip" src="{src}" alt="three frames of the video" loading="lazy">')
+    return "".join(parts)
 
 
 def _details(result: ItemResult) -> str:
@@ -315,7 +342,12 @@ def _css() -> str:
     rules: Iterator[str] = (
         f'#items[data-filter="{s.value}"] tbody tr:not([data-state="{s.value}"]){{display:none}}\n' for s in ItemState
     )
-    return _CSS + "".join(rules) + '#items[data-filter="failed"] tbody tr[data-state="succeeded"]{display:none}\n'
+    return (
+        _CSS
+        + "".join(rules)
+        + '#items[data-filter="failed"] tbody tr[data-state="succeeded"]{display:none}\n'
+        + '#items[data-filter="review"] tbody tr:not([data-review]){display:none}\n'
+    )
 
 
 _CSS = """\
@@ -367,6 +399,9 @@ video{display:block;width:180px;max-height:180px;border-radius:8px;background:#0
 .fix{margin-top:6px;font-size:12.5px;font-weight:600;color:#0369a1}
 .muted{color:var(--muted)}
 .note{color:var(--muted);font-size:12.5px}
+.score{margin-left:6px;font-weight:600;font-variant-numeric:tabular-nums}
+.flags{margin-top:4px;font-size:12px}.flags code{white-space:nowrap}
+.strip{display:block;margin-top:6px;height:54px;border-radius:6px}
 """
 
 _SCRIPT = """\

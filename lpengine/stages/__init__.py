@@ -1,5 +1,6 @@
-"""The five stages, in pipeline order. Each is a plain async function of (context, item); the orchestrator
-decides how many run at once and how items move between them."""
+"""The stages, in pipeline order. Each is a plain async function of (context, item); the orchestrator
+decides how many run at once and how items move between them. The sixth, `lpengine.stages.analyse`, also takes
+the `Analyzer` whose worker processes it uses."""
 
 from lpengine.stages.detect import detect
 from lpengine.stages.download import download

@@ -185,6 +185,7 @@ _PERSISTED = (
     "timings",
     "audio_duration",
     "transient",
+    "analysis",
 )
 
 

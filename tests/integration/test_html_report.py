@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -262,3 +263,50 @@ def test_renders_in_headless_chromium(written: tuple[RunReport, Path], tmp_path:
     _run_chromium(binary, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,2000", path.as_uri())
     with Image.open(shot) as image:
         assert image.size == (1280, 2000)
+
+
+def _judged(tmp_path: Path) -> tuple[RunReport, Path]:
+    """The 20-item report with verdicts on its five videos, and a frame strip for one of them."""
+    report, out = build_report(tmp_path)
+    verdicts = [
+        ("ok", [], 100),
+        ("bad", ["frozen", "lip_sync_offset"], 20),
+        ("warn", ["audio_missing"], 85),
+        ("analysis_failed", [], None),
+    ]
+    items = list(report.items)
+    for index, (verdict, flags, score) in enumerate(verdicts):
+        metrics = {"error": "TimeoutError: analysis took longer than 300 s"} if score is None else {"fps": 25.0}
+        items[index] = dataclasses.replace(items[index], verdict=verdict, flags=flags, score=score, metrics=metrics)
+    frames = out / ".lpengine" / "frames"
+    frames.mkdir(parents=True)
+    Image.new("RGB", (288, 96), (200, 60, 60)).save(frames / "speaker-1.jpg")
+    judged = RunReport(items=tuple(items), wall_time_s=report.wall_time_s)
+    write_html_report(judged, out)
+    return judged, out / "report.html"
+
+
+def test_verdicts_strip_and_needs_review_filter(tmp_path: Path) -> None:
+    report, path = _judged(tmp_path)
+    html = path.read_text(encoding="utf-8")
+    assert report.needs_review == (3, ["speaker-1.mp4", "speaker-2.mp4", "speaker-3.mp4"])
+    assert len(re.findall(r"<tr [^>]*data-review", html)) == 3
+    assert re.search(r'data-filter="review"[^>]*>needs review 3<', html)
+    assert '#items[data-filter="review"] tbody tr:not([data-review]){display:none}' in html
+    assert html.count('class="badge verdict"') == 4
+    assert "<code>frozen</code> <code>lip_sync_offset</code>" in html
+    assert html.count('class="strip" src=".lpengine/frames/speaker-1.jpg"') == 1
+    assert "analysis took longer than 300 s" in html
+
+    binary = _chromium()
+    dumped = _run_chromium(binary, tmp_path / "profile", "--dump-dom", path.as_uri() + "#review")
+    assert 'data-ready="true"' in dumped.stdout
+    assert re.search(r'<table id="items" data-filter="review">', dumped.stdout)
+    assert re.search(r'data-filter="review" aria-pressed="true"', dumped.stdout)
+    assert [line for line in dumped.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line] == []
+    shot = tmp_path / "review.png"
+    _run_chromium(
+        binary, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1280,900", path.as_uri() + "#review"
+    )
+    with Image.open(shot) as image:
+        assert image.size == (1280, 900)
