@@ -15,6 +15,7 @@ What is measured, and how cheaply:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -330,6 +331,9 @@ def _moved(old: tuple[int, int, int, int], new: tuple[int, int, int, int]) -> bo
     return max(abs((ox + ow / 2) - (nx + nw / 2)), abs((oy + oh / 2) - (ny + nh / 2))) > _BOX_MOVE * ow
 
 
+@functools.cache
 def _cascade() -> Any:
+    """Loaded once per worker process (~50 ms, as much as judging a short video); a worker judges one video at a
+    time, so the classifier is never shared between threads."""
     folder = importlib.import_module("cv2.data").haarcascades  # cv2's stubs lack the `data` module
     return cv2.CascadeClassifier(folder + "haarcascade_frontalface_default.xml")
