@@ -7,7 +7,9 @@ reused, and are killed when a wait is cancelled or times out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 
 import anyio
 import anyio.to_process
@@ -37,6 +39,22 @@ def _photo_size(path: str) -> tuple[int, int] | None:
         return None
 
 
+_NICE = 10  # analysis is background work: a busy core goes to the process that keeps the paid queue fed
+
+
+def _in_worker(path: str, expect: Expectations, config: AnalysisConfig, strip: str | None) -> VideoAnalysis:
+    """`analyze_video` in a worker process, which lowers its own CPU priority once (a no-op where unsupported)."""
+    global _niced
+    if not _niced:
+        _niced = True
+        with contextlib.suppress(OSError, AttributeError):
+            os.nice(_NICE)
+    return analyze_video(path, expect, config, strip)
+
+
+_niced = False
+
+
 class Analyzer:
     """At most `config.workers` analyses at once, each within `config.timeout_s`."""
 
@@ -48,5 +66,5 @@ class Analyzer:
         """Raises what the worker raised, or `TimeoutError`; the worker is killed on a timeout or cancellation."""
         with anyio.fail_after(self.config.timeout_s):
             return await anyio.to_process.run_sync(
-                analyze_video, path, expect, self.config, strip, cancellable=True, limiter=self._limiter
+                _in_worker, path, expect, self.config, strip, cancellable=True, limiter=self._limiter
             )
