@@ -65,7 +65,7 @@ concurrency:
         ("video:\n  paste_back: maybe\n", "video.paste_back: Input should be a valid boolean"),
         ("storage:\n  backend: ftp\n", "storage: unknown storage backend; allowed: fileserver, s3, dashscope_temp"),
         ("storage:\n  backend: s3\n", "storage.bucket: required field is missing"),
-        ("colour: red\n", "colour: unknown key; allowed keys: api, audio, concurrency"),
+        ("colour: red\n", "colour: unknown key; allowed keys: analysis, api, audio, concurrency"),
     ],
 )
 def test_specific_messages(tmp_path: Path, snippet: str, expected: str) -> None:
