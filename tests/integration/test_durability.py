@@ -84,7 +84,9 @@ def batch(tmp_path: Path, base_url: str, n: int) -> Path:
     from lpengine.demo_assets import make_portraits
 
     make_portraits(tmp_path / "photos", n)
-    return write_batch(tmp_path, base_url, SPEEDUP)
+    # Payments and files are what is tested here; judging the videos (tests/integration/test_analysis_stage.py)
+    # would only add a worker start-up and 100 decodes to runs that must fit pytest's 120 s on a busy host.
+    return write_batch(tmp_path, base_url, SPEEDUP, analysis="{enabled: false}")
 
 
 def run_cli(config: Path, *, kill_after_lines: int | None = None) -> int | None:
