@@ -31,6 +31,7 @@ from PIL import Image
 
 from lpengine import Engine, ItemState
 from lpengine.config import (
+    AnalysisConfig,
     ApiConfig,
     BatchConfig,
     ConcurrencyConfig,
@@ -176,6 +177,9 @@ def batch_config(root: Path, images: list[Path], concurrency: ConcurrencyConfig)
         storage=FileServerStorageConfig(),
         concurrency=concurrency,
         output=OutputConfig(dir=root / "out"),
+        # the scripted videos are 8-byte stand-ins; a worker process started per example to judge them would only
+        # slow 40 examples down (analysis is tested in test_analysis_stage.py)
+        analysis=AnalysisConfig(enabled=False),
         base_dir=root,
     )
 
