@@ -103,6 +103,8 @@ class Orchestrator:
         self.ctx = ctx
         self.scheduler = PollScheduler(speedup=ctx.speedup, ratio=ctx.config.limits.expected_realtime_factor)
         self.analyzer: Analyzer | None = None
+        self._warming = False
+        self._tg: anyio.abc.TaskGroup | None = None
         if ctx.config.analysis.enabled:
             if hint := missing_extra():
                 ctx.log.emit("warning", "analysis.unavailable", reason=hint)
@@ -116,6 +118,7 @@ class Orchestrator:
         to_submit, from_detect = anyio.create_memory_object_stream[Item](c.buffer)
         to_download, from_poll = anyio.create_memory_object_stream[Item](c.buffer)
         async with anyio.create_task_group() as tg:
+            self._tg = tg
             for _ in range(c.upload):
                 tg.start_soon(self._stage, (prepare, upload), intake.clone(), to_detect.clone(), results.clone())
             for _ in range(c.detect):
@@ -215,6 +218,12 @@ class Orchestrator:
             return False
         return True
 
+    async def _warm_up(self, analyzer: Analyzer) -> None:
+        try:
+            await analyzer.warm_up()
+        except Exception as exc:  # the first analysis will meet the same problem and record it on its item
+            self.ctx.log.emit("warning", "analysis.warm_up_failed", error=repr(exc))
+
     async def _analysis_worker(
         self, analyzer: Analyzer, inbox: MemoryObjectReceiveStream[Item], results: MemoryObjectSendStream[Item]
     ) -> None:
@@ -233,6 +242,10 @@ class Orchestrator:
             async for item in drain(inbox):
                 await self.ctx.window.acquire()
                 await self._run_step(submit, item)
+                if self.analyzer is not None and not self._warming and item.task_id is not None:
+                    self._warming = True  # a video is coming: start the analysis worker while it is made
+                    assert self._tg is not None
+                    self._tg.start_soon(self._warm_up, self.analyzer)
                 if item.state is not None:
                     self.ctx.window.release()
                     await self._finish(item, results)

@@ -113,6 +113,10 @@ def measure(
     return m
 
 
+def warm() -> None:
+    _cascade()
+
+
 def read_voice(path: str) -> np.ndarray | None:
     """The mono 16 kHz samples of an audio file, None when it has no audio stream."""
     with av.open(path, metadata_errors="ignore") as container:

@@ -55,12 +55,24 @@ def _in_worker(path: str, expect: Expectations, config: AnalysisConfig, strip: s
 _niced = False
 
 
+def _warm() -> None:
+    """Import the decoders and load the face cascade, so the first video is judged without that wait."""
+    from lpengine.analysis import measure
+
+    measure.warm()
+
+
 class Analyzer:
     """At most `config.workers` analyses at once, each within `config.timeout_s`."""
 
     def __init__(self, config: AnalysisConfig) -> None:
         self.config = config
         self._limiter = anyio.CapacityLimiter(config.workers)
+
+    async def warm_up(self) -> None:
+        """Start a worker process ahead of the first video (spawn and imports take seconds on a busy host)."""
+        with anyio.fail_after(self.config.timeout_s):
+            await anyio.to_process.run_sync(_warm, cancellable=True, limiter=self._limiter)
 
     async def analyze(self, path: str, expect: Expectations, strip: str | None = None) -> VideoAnalysis:
         """Raises what the worker raised, or `TimeoutError`; the worker is killed on a timeout or cancellation."""
