@@ -66,7 +66,8 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
     page.click("#start")
     expect(page).to_have_url(re.compile(r"/batches/\d{8}-\d{6}-[0-9a-f]{6}$"))
     first = page.url
-    expect(page.locator("#state")).to_have_text("done")  # pushed by the event stream, no reload
+    # pushed by the event stream, no reload; the batch ends once its video is judged (a worker process starts)
+    expect(page.locator("#state")).to_have_text("done", timeout=TIMEOUT_MS)
     expect(page.locator("#done")).to_have_text("1")
     expect(page.locator("#failed")).to_have_text("1")
     expect(page.locator("#items tbody tr")).to_have_count(2)
