@@ -208,6 +208,8 @@ class Orchestrator:
             return False
         try:
             judge.send_nowait(item)
+            # the video is on disk and verified: progress shows the item succeeded while its verdict is made
+            self.ctx.emit(item, "stage.done", level="debug")
         except anyio.WouldBlock:
             self.ctx.emit(
                 item,
