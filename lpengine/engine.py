@@ -491,8 +491,20 @@ class Engine:
     async def _plan(
         self, plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]]
     ) -> AsyncIterator[ItemSpec | PlanProblem]:
-        """The plan, produced in a worker thread in chunks (folder scans and manifests are blocking I/O)."""
-        iterator = plan(self.config)
+        """The plan, produced in a worker thread in chunks (folder scans and manifests are blocking I/O). The batch's
+        own plan names each input as earlier runs of the batch did (`Namer`)."""
+        if plan is iter_plan:
+            namer = Namer()
+            records: list[tuple[str, str | None, str]] = []
+            async for stored in self.ctx.store.items():
+                records.append((str(stored.data.get("input") or ""), stored.data.get("key"), stored.output_name))
+                if len(records) >= 1000:
+                    await anyio.to_thread.run_sync(namer.record, records)
+                    records = []
+            await anyio.to_thread.run_sync(namer.record, records)
+            iterator = iter_plan(self.config, namer)
+        else:
+            iterator = plan(self.config)
 
         def chunk() -> list[ItemSpec | PlanProblem]:
             out: list[ItemSpec | PlanProblem] = []

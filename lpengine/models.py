@@ -64,6 +64,9 @@ class ItemSpec:
     """Overrides the batch's default audio (path or URL)."""
     source: str = ""
     """Where the row came from (manifest line, file path) for messages."""
+    key: str = ""
+    """What the plan knows this input by across runs (a file's real path, a manifest row's hash): the state store
+    records it with the output name, so the name stays the input's whatever other files appear or vanish."""
     preset: str | None = None
     """The preset `params` came from (docs/presets.md), if any."""
     overrides: Mapping[str, Any] | None = None

@@ -6,7 +6,10 @@ Manifests are read line by line so a 100k-row batch never sits in memory. A brok
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import fnmatch
 import glob
 import hashlib
 import json
@@ -15,14 +18,14 @@ import re
 import sqlite3
 import unicodedata
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from lpengine.config import BatchConfig, VideoOverrides
+from lpengine.config import BatchConfig, VideoOverrides, VideoParams
 from lpengine.models import ItemSpec
 from lpengine.presets import item_recipe
 
@@ -95,58 +98,141 @@ def _is_url(value: str) -> bool:
     return value.startswith(("http://", "https://", "oss://"))
 
 
+def _temp_db(owner: object) -> tuple[sqlite3.Connection, weakref.finalize[Any, Any]]:
+    """A private temporary SQLite file, deleted on close (`sqlite3.connect("")`).
+
+    One transaction is left open on purpose: nothing here needs to survive, and a commit per key would write pages
+    out every time. `check_same_thread=False`: the engine plans in chunks on worker threads, one chunk at a time.
+    """
+    db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=OFF")
+    return db, weakref.finalize(owner, db.close)  # closed when the owner is dropped, without a ResourceWarning
+
+
 class KeySet:
     """The keys a plan has seen, in a private temporary SQLite file rather than in memory.
 
     A plan must remember every output name (and every manifest row, to refuse duplicates) until the batch's last
     item: in Python sets that is ~0.35 KB per row, held for the whole run, so a manifest of a million rows would
-    grow the process by ~350 MB as it streams. SQLite keeps ~2 MB of pages cached and the rest in a file it deletes
-    on close (`sqlite3.connect("")`). One transaction is left open on purpose: nothing here needs to survive, and
-    a commit per key would write pages out every time. `check_same_thread=False`: the engine plans in chunks on
-    worker threads, one chunk at a time.
+    grow the process by ~350 MB as it streams. SQLite keeps ~2 MB of pages cached and the rest on disk.
     """
 
     def __init__(self) -> None:
-        self._db = sqlite3.connect("", isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, first INTEGER NOT NULL) WITHOUT ROWID")
+        self._db, self._close = _temp_db(self)
+        self._db.execute("CREATE TABLE seen (key BLOB PRIMARY KEY, first NOT NULL) WITHOUT ROWID")
         self._db.execute("BEGIN")
-        # closed when dropped too (the engine's namer lives as long as the engine object), without a ResourceWarning
-        self._close = weakref.finalize(self, self._db.close)
 
-    def add(self, key: str | bytes, first: int = 0) -> bool:
+    def add(self, key: str | bytes, first: int | str = 0) -> bool:
         """True if `key` is new (and is now taken, with `first`); False if it was seen before."""
         return self._db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (key, first)).rowcount == 1
 
-    def first(self, key: str | bytes) -> int:
-        """The `first` value stored when `key` was added."""
-        return int(self._db.execute("SELECT first FROM seen WHERE key = ?", (key,)).fetchone()[0])
+    def first(self, key: str | bytes) -> int | str | None:
+        """The `first` value stored when `key` was added; None if it never was."""
+        row = self._db.execute("SELECT first FROM seen WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
 
     def close(self) -> None:
         self._close()
 
 
-class Namer:
-    """Assigns unique output names in enumeration order: `a.jpg` → `a`, then `a.png` → `a_png`, then `a_png_2`."""
+class RealPaths:
+    """Where a local path really leads (symlinks and `..` resolved), the key that makes one file one item however
+    many paths reach it. Folders are resolved once each, so a 100k-row manifest costs one `lstat` per row."""
 
     def __init__(self) -> None:
-        self._taken = KeySet()
+        self._folders: dict[str, str] = {}
 
-    def assign(self, wanted: str, suffix: str = "") -> str:
+    def __call__(self, ref: str) -> str:
+        if _is_url(ref):
+            return ref
+        folder, name = os.path.split(os.path.abspath(ref))
+        real_folder = self._folders.get(folder)
+        if real_folder is None:
+            real_folder = self._folders[folder] = os.path.realpath(folder)
+        path = os.path.join(real_folder, name)
+        return os.path.realpath(path) if os.path.islink(path) else path
+
+
+class Namer:
+    """Assigns unique output names that never change because other inputs appear or disappear.
+
+    Fresh inputs get the first free name in enumeration order: `a.jpg` → `a`, then `a.png` → `a_png`, then
+    `a_png_2`. But an input an earlier run recorded (the state store keeps each item's input and name) keeps the
+    name it was given, and the names of recorded inputs present in this plan are reserved before any name is handed
+    out: a new `a.jpg` cannot take `a` from the `a.png` finished last week (which would re-pay `a.png` as a new item
+    `a_png`). Recorded inputs absent from the plan hold no name, so a moved folder is named by order, as it was.
+
+    Inputs are known by `key` (what the plan makes of a row: a file's real path, a manifest row's hash) and by
+    `image` (its image's real path or URL). Records older than keys have only an image, which then stands for it.
+    """
+
+    def __init__(self) -> None:
+        self._db, self._close = _temp_db(self)
+        self._db.executescript(
+            """
+            CREATE TABLE taken (name TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE used (name TEXT PRIMARY KEY) WITHOUT ROWID;
+            CREATE TABLE recorded (image TEXT NOT NULL, key TEXT, name TEXT NOT NULL);
+            CREATE INDEX recorded_key ON recorded(key);
+            CREATE INDEX recorded_image ON recorded(image);
+            BEGIN;
+            """
+        )
+        self.real = RealPaths()
+        self.has_records = False
+
+    def record(self, rows: Iterable[tuple[str, str | None, str]]) -> None:
+        """Names earlier runs gave: (input as stored, key or None, output name) rows from the state store."""
+        records = [(self.real(image), key, name) for image, key, name in rows if image and name]
+        self._db.executemany("INSERT INTO recorded VALUES (?, ?, ?)", records)
+        self.has_records = self.has_records or bool(records)
+
+    def reserve(self, key: str, image: str) -> bool:
+        """Hold the names recorded for an input of this plan (before any name is handed out); True if any."""
+        rows = self._db.execute(
+            "SELECT name FROM recorded WHERE key = ? OR (key IS NULL AND image = ?)", (key, image)
+        ).fetchall()
+        for (name,) in rows:
+            self._db.execute("INSERT OR IGNORE INTO taken VALUES (?)", (name.casefold(),))
+        return bool(rows)
+
+    def _recorded(self, key: str | None, image: str | None) -> str | None:
+        rows: list[tuple[str]] = []
+        if key is not None:
+            rows = self._db.execute("SELECT name FROM recorded WHERE key = ? ORDER BY name", (key,)).fetchall()
+        if not rows and image is not None:
+            rows = self._db.execute(
+                "SELECT name FROM recorded WHERE key IS NULL AND image = ? ORDER BY name", (image,)
+            ).fetchall()
+        for (name,) in rows:
+            if self._db.execute("INSERT OR IGNORE INTO used VALUES (?)", (name.casefold(),)).rowcount == 1:
+                return name
+        return None
+
+    def assign(self, wanted: str, suffix: str = "", *, key: str | None = None, image: str | None = None) -> str:
+        if self.has_records and (name := self._recorded(key, image)) is not None:
+            return name
         base = safe_stem(wanted)
         candidates = [base]
         if suffix:
             candidates.append(safe_stem(f"{base}_{suffix.lstrip('.')}"))
         for name in candidates:
-            if self._taken.add(name.casefold()):
+            if self._take(name):
                 return name
         n = 2
-        while not self._taken.add(f"{candidates[-1]}_{n}".casefold()):
+        while not self._take(f"{candidates[-1]}_{n}"):
             n += 1
         return f"{candidates[-1]}_{n}"
 
+    def _take(self, name: str) -> bool:
+        folded = name.casefold()
+        if self._db.execute("INSERT OR IGNORE INTO taken VALUES (?)", (folded,)).rowcount != 1:
+            return False
+        self._db.execute("INSERT OR IGNORE INTO used VALUES (?)", (folded,))
+        return True
+
     def close(self) -> None:
-        self._taken.close()
+        self._close()
 
 
 def input_problems(config: BatchConfig) -> list[str]:
@@ -161,25 +247,145 @@ def input_problems(config: BatchConfig) -> list[str]:
     return []
 
 
-def _scan(config: BatchConfig, pattern: str) -> Iterator[Path]:
-    """The matching files, sorted by path.
+@dataclass(slots=True)
+class _Scan:
+    """A folder or glob's listing, sorted by path, kept as strings until each item is planned.
 
-    The whole listing must be read before the first item (to sort it), and the plan's generator holds it until the
-    last item: it is kept as strings, one `Path` made per item as it is planned. A folder keeps only the names (its
-    paths share one prefix, so they sort as the names do): at 100k files, a few MB instead of ~40 MB of `Path`s.
+    Folders reached through a symlink are never entered: a link back up the tree (`photos/x → .`) would make every
+    photo reachable by endless paths, and one leaving the input folder would publish files nobody chose. Each such
+    link is one problem line (`folder_links`), and a file reached through a link is planned by its real path.
     """
+
+    base: str
+    """The input folder, or the part of a glob before its first wildcard: links may not lead out of it."""
+    real_base: str
+    paths: list[str]
+    links: set[str]
+    """Listed paths that are symlinks (few): only these need resolving."""
+    folder_links: dict[str, str]
+    """Symlinked folders not entered, with the line that says why."""
+
+    def real(self, path: str) -> str:
+        if path in self.links:
+            return os.path.realpath(path)
+        return self.real_base + path[len(self.base) :]
+
+    def inside(self, real: str) -> bool:
+        return real == self.real_base or real.startswith(self.real_base.rstrip(os.sep) + os.sep)
+
+    def shown(self, real: str) -> str:
+        """The path as the user names it (under the input folder as written), for a file reached by a link."""
+        return os.path.join(self.base, os.path.relpath(real, self.real_base))
+
+    def folder_link(self, path: str) -> str:
+        real = os.path.realpath(path)
+        parent = os.path.realpath(os.path.dirname(path))
+        if parent == real or parent.startswith(real.rstrip(os.sep) + os.sep):
+            return f"is a symlink loop (it leads back to {_printable(real)}); not followed"
+        if not self.inside(real):
+            outside = f"is a symlink to a folder outside the input folder ({_printable(real)})"
+            return f"{outside}; not followed: copy the files in"
+        return f"is a symlink to a folder ({_printable(real)}); not followed, its images are planned by their own path"
+
+
+def _entries(folder: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError:  # unreadable or vanished: as glob does, it matches nothing
+        return []
+
+
+def _leads_to_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link loop: ELOOP, which `is_dir` does not swallow (it does a missing target)
+        return False
+
+
+def _scan(config: BatchConfig, pattern: str) -> _Scan:
+    """The matching files, sorted by path. A folder takes its image files (symlinks too, to say where they lead); a
+    glob takes what it matches except folders, with `**` as in `glob.glob(recursive=True)`."""
     root = config.resolve(pattern)
+    found: list[str] = []
+    links: set[str] = set()
+    folder_links: dict[str, str] = {}
+
+    def visit(entry: os.DirEntry[str]) -> None:
+        if entry.is_symlink():
+            if _leads_to_folder(entry):
+                folder_links[entry.path] = ""
+            else:
+                links.add(entry.path)
+                found.append(entry.path)
+        elif not entry.is_dir(follow_symlinks=False):
+            found.append(entry.path)
+
     if root.is_dir():
-        with os.scandir(root) as entries:
-            names = sorted(e.name for e in entries if Path(e.name).suffix.lower() in IMAGE_SUFFIXES or e.is_symlink())
-        return (root / name for name in names)
-    paths = sorted(str(Path(p)) for p in glob.glob(str(root), recursive=True) if not os.path.isdir(p))
-    return (Path(p) for p in paths)
+        base = str(root)
+        for entry in _entries(base):
+            if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.is_symlink():
+                found.append(entry.path)  # a folder named `x.jpg` too: it is reported, not silently skipped
+            elif entry.is_symlink():
+                visit(entry)
+    else:
+        parts = root.parts
+        magic = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts) - 1)
+        base = str(Path(*parts[:magic]))
+        _walk(base, _collapse(parts[magic:]), visit, folder_links)
+    scan = _Scan(base, os.path.realpath(base), sorted([*found, *folder_links]), links, folder_links)
+    for path in folder_links:
+        folder_links[path] = scan.folder_link(path)
+    return scan
 
 
-def iter_plan(config: BatchConfig) -> Iterator[ItemSpec | PlanProblem]:
-    """Every input of the batch, in a stable order, as a spec or a problem."""
-    namer = Namer()
+def _collapse(parts: tuple[str, ...]) -> list[str]:
+    """`a/**/**/b` is `a/**/b`: consecutive `**` would list the same paths twice."""
+    out: list[str] = []
+    for part in parts:
+        if not (part == "**" and out and out[-1] == "**"):
+            out.append(part)
+    return out
+
+
+def _walk(
+    folder: str,
+    parts: list[str],
+    visit: Callable[[os.DirEntry[str]], None],
+    folder_links: dict[str, str],
+) -> None:
+    """Match `parts` below `folder` without ever entering a symlinked folder (those are noted in `folder_links`)."""
+    part, rest = parts[0], parts[1:]
+    if part == "**":
+        if rest:
+            _walk(folder, rest, visit, folder_links)  # `**` matching no folder at all
+        for entry in _entries(folder):
+            if entry.name.startswith("."):
+                continue
+            if not rest:
+                visit(entry)
+            if entry.is_dir(follow_symlinks=False):
+                _walk(entry.path, parts, visit, folder_links)
+            elif entry.is_symlink() and _leads_to_folder(entry):
+                folder_links[entry.path] = ""
+        return
+    for entry in _entries(folder):
+        if entry.name.startswith(".") and not part.startswith("."):
+            continue
+        if not fnmatch.fnmatchcase(entry.name, part):
+            continue
+        if not rest:
+            visit(entry)
+        elif entry.is_dir(follow_symlinks=False):
+            _walk(entry.path, rest, visit, folder_links)
+        elif entry.is_symlink() and _leads_to_folder(entry):
+            folder_links[entry.path] = ""
+
+
+def iter_plan(config: BatchConfig, namer: Namer | None = None) -> Iterator[ItemSpec | PlanProblem]:
+    """Every input of the batch, in a stable order, as a spec or a problem. `namer` carries the names earlier runs
+    recorded (`Namer.record`); the plan closes it."""
+    namer = namer or Namer()
     try:
         yield from _iter_inputs(config, namer)
     finally:  # exhausted, or closed early (a stopped run)
@@ -187,34 +393,73 @@ def iter_plan(config: BatchConfig) -> Iterator[ItemSpec | PlanProblem]:
 
 
 def _iter_inputs(config: BatchConfig, namer: Namer) -> Iterator[ItemSpec | PlanProblem]:
-    if config.inputs.images is not None:
-        root = config.resolve(config.inputs.images)
-        folder = root if root.is_dir() else None
-        for path in _scan(config, config.inputs.images):
-            if _undecodable(str(path)):
-                shown = _printable(path)
-                yield PlanProblem(shown, shown, "file name is not valid UTF-8 (an old or foreign encoding); rename it")
-                continue
-            if folder is not None and path.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(folder.resolve()):
-                    yield PlanProblem(
-                        str(path),
-                        str(path),
-                        "is a symlink pointing outside the input folder; copy the file in",
-                    )
-                    continue
-            yield ItemSpec(
-                image=str(path.absolute()),
-                output_name=namer.assign(path.stem, path.suffix),
-                params=config.video,
-                source=str(path),
-                preset=config.preset_context.batch_preset,
-                overrides=config.preset_context.batch_overrides,
-            )
+    if config.inputs.images is None:
+        assert config.inputs.manifest is not None
+        yield from _iter_manifest(config, config.resolve(config.inputs.manifest), namer)
         return
-    assert config.inputs.manifest is not None
-    yield from _iter_manifest(config, config.resolve(config.inputs.manifest), namer)
+    scan = _scan(config, config.inputs.images)
+    owners, seen = KeySet(), KeySet()
+    try:
+        if namer.has_records:  # the names of recorded files present are reserved before any is handed out
+            for path in scan.paths:
+                real = scan.real(path)
+                if path not in scan.folder_links and namer.reserve(real, real):
+                    with contextlib.suppress(OSError):
+                        if file := _file_id(real):
+                            owners.add(file, real)  # a file with several paths stays with the recorded one
+        for path in scan.paths:
+            entry = _folder_entry(scan, path, config, namer, owners, seen)
+            if entry is not None:
+                yield entry
+    finally:
+        owners.close()
+        seen.close()
+
+
+def _file_id(path: str) -> str | None:
+    """Device and inode: what makes hard links (and any other paths to one file) one file. None for a path that
+    leads nowhere (its item says so when checked); raises OSError for a symlink loop."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise
+        return None
+    except ValueError:  # a NUL in the name
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _folder_entry(
+    scan: _Scan, path: str, config: BatchConfig, namer: Namer, owners: KeySet, seen: KeySet
+) -> ItemSpec | PlanProblem | None:
+    """One listed path as an item, a problem, or None when its file is already planned through another path."""
+    shown = _printable(path)
+    if _undecodable(path):
+        return PlanProblem(shown, shown, "file name is not valid UTF-8 (an old or foreign encoding); rename it")
+    if path in scan.folder_links:
+        return PlanProblem(shown, shown, scan.folder_links[path])
+    real = scan.real(path)
+    if not scan.inside(real):
+        return PlanProblem(shown, shown, "is a symlink pointing outside the input folder; copy the file in")
+    try:
+        file = _file_id(real)
+    except OSError:  # the only error `_file_id` lets through
+        return PlanProblem(shown, shown, "is a symlink loop (it leads back to itself); remove or fix the link")
+    if file is not None:
+        owner = owners.first(file)
+        if (owner is not None and owner != real) or not seen.add(file):
+            return None  # one file is one item, however many paths reach it
+    image = path if path not in scan.links else scan.shown(real)
+    return ItemSpec(
+        image=str(Path(image).absolute()),
+        output_name=namer.assign(Path(image).stem, Path(image).suffix, key=real, image=real),
+        params=config.video,
+        source=path,
+        preset=config.preset_context.batch_preset,
+        overrides=config.preset_context.batch_overrides,
+        key=real,
+    )
 
 
 _MANIFEST_KEYS = {"image", "audio", "output", "preset", *VideoOverrides.model_fields}
@@ -257,18 +502,64 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
                 yield reader.line_num, {k.strip(): v for k, v in row.items() if k and v not in (None, "")}
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    source: str
+    lineno: int
+    image: str
+    """As written in the manifest (its stem and suffix name the output)."""
+    image_ref: str
+    audio_ref: str | None
+    params: VideoParams
+    preset: str | None
+    written: dict[str, Any]
+    """The values written over the preset (`ItemSpec.overrides`)."""
+    output: str
+    real_image: str
+    """The real path (symlinks and `..` resolved) or the URL: `dir/../dir/x.jpg` is `dir/x.jpg`."""
+    same: bytes
+    """What makes two rows the same video (image, audio, parameters, all resolved): a second one is a duplicate."""
+
+    @property
+    def key(self) -> str:
+        """What names this row across runs: the same video under the same asked-for name."""
+        return "m:" + hashlib.blake2b(self.same + self.output.encode(), digest_size=16).hexdigest()
+
+
 def _iter_manifest(config: BatchConfig, path: Path, namer: Namer) -> Iterator[ItemSpec | PlanProblem]:
     if not path.is_file():
         yield PlanProblem(str(path), str(path), "manifest file not found; check inputs.manifest")
         return
+    if namer.has_records:  # a first pass reserves the names of recorded rows present, before any is handed out
+        for row in _manifest_rows(config, path, namer.real):
+            if isinstance(row, _Row):
+                namer.reserve(row.key, row.real_image)
     seen = KeySet()
     try:
-        yield from _manifest_specs(config, path, namer, seen)
+        for row in _manifest_rows(config, path, namer.real):
+            if isinstance(row, PlanProblem):
+                yield row
+            elif not seen.add(row.same, row.lineno):
+                yield PlanProblem(
+                    row.source, row.image, f"duplicate of line {seen.first(row.same)}; remove one of them"
+                )
+            else:
+                wanted = _output_stem(row.output) if row.output else Path(row.image.split("?")[0]).stem
+                yield ItemSpec(
+                    image=row.image_ref,
+                    output_name=namer.assign(wanted, Path(row.image).suffix, key=row.key, image=row.real_image),
+                    params=row.params,
+                    audio=row.audio_ref,
+                    source=row.source,
+                    preset=row.preset,
+                    overrides=row.written,
+                    key=row.key,
+                )
     finally:
         seen.close()
 
 
-def _manifest_specs(config: BatchConfig, path: Path, namer: Namer, seen: KeySet) -> Iterator[ItemSpec | PlanProblem]:
+def _manifest_rows(config: BatchConfig, path: Path, real: RealPaths) -> Iterator[_Row | PlanProblem]:
     for lineno, row in _rows(path):
         source = f"{path.name}:{lineno}"
         if isinstance(row, str):
@@ -305,19 +596,9 @@ def _manifest_specs(config: BatchConfig, path: Path, namer: Namer, seen: KeySet)
         audio_ref = None
         if audio:
             audio_ref = str(audio) if _is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
-        row_key = json.dumps([image_ref, audio_ref or "", written, preset], sort_keys=True)
+        real_image = real(image_ref)
+        same = json.dumps([real_image, real(audio_ref) if audio_ref else "", written, preset], sort_keys=True)
+        output = str(row.get("output") or "")
         # 16 bytes however long the URLs are (signed OSS URLs run to a kilobyte); a collision needs ~2^64 rows
-        key = hashlib.blake2b(row_key.encode(), digest_size=16).digest()  # json.dumps gives ASCII
-        if not seen.add(key, lineno):
-            yield PlanProblem(source, image, f"duplicate of line {seen.first(key)}; remove one of them")
-            continue
-        wanted = _output_stem(str(row["output"])) if row.get("output") else Path(image.split("?")[0]).stem
-        yield ItemSpec(
-            image=image_ref,
-            output_name=namer.assign(wanted, Path(image).suffix),
-            params=params,
-            audio=audio_ref,
-            source=source,
-            preset=preset,
-            overrides=written,
-        )
+        digest = hashlib.blake2b(same.encode(), digest_size=16).digest()  # json.dumps gives ASCII
+        yield _Row(source, lineno, image, image_ref, audio_ref, params, preset, written, output, real_image, digest)

@@ -199,6 +199,8 @@ def dump_item(item: Item, **extra: Any) -> dict[str, Any]:
     data["input"] = item.spec.image
     data["preset"] = item.spec.preset
     data["params"] = item.spec.params.model_dump()  # the recipe as submitted: a resumed item keeps it
+    if item.spec.key:
+        data["key"] = item.spec.key
     data["updated_wall"] = time.time()
     data.update(extra)
     return data

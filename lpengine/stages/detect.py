@@ -3,7 +3,9 @@
 Verdicts are cached in the state store by the image's hash, so a renamed copy or a re-run reuses them. A mark is
 committed before each call: if the process dies after the service answered but before the verdict was saved, the
 next run finds the mark, and rather than pay for the same check twice it lets the item go on to synthesis, whose own
-face check fails a faceless image (`InvalidImage.NoHumanFace`, §6) without producing a billed video.
+face check fails a faceless image (`InvalidImage.NoHumanFace`, §6) without producing a billed video. The mark stays
+only when the outcome is truly unknown (the run was cancelled or killed mid-request): every answer that provably
+holds no verdict (an error answer, account-level ones included; no connection at all) clears it.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ async def detect(ctx: StageContext, item: Item) -> None:
             await ctx.store.put_detect(key, None, "")  # write-ahead mark: the call below is billed
             try:
                 result = await ctx.api.detect(item.image_urls[DETECT_MODEL].url)
-            except (AuthError, QuotaError):
-                raise  # account-level: the whole batch stops
             except ApiError as exc:
-                await ctx.store.forget_detect(key)  # an error answer is not billed (no usage)
+                # An error answer is not billed (no usage) and holds no verdict: the mark goes, so the next run asks
+                # again. Left in place, a wrong key or arrears would pass as a lost answer, skipping the paid check.
+                await ctx.store.forget_detect(key)
+                if isinstance(exc, AuthError | QuotaError):
+                    raise  # account-level: the whole batch stops
                 if exc.code == INPUT_DOWNLOAD_FAILED:  # a re-run tries again, once the URL is readable
                     url = item.image_urls[DETECT_MODEL].url
                     item.finish(ItemState.DETECT_FAILED, undownloadable(image=url), transient=True)

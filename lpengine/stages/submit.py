@@ -59,6 +59,11 @@ async def _submit_locked(ctx: StageContext, item: Item) -> None:
             await _adopt_or_clear(ctx, item)
             continue
         except (AuthError, QuotaError):
+            # Refused with an answer: no task exists, so the mark is resolved here (else the next run reconciles
+            # against the task list for nothing) and the attempt, never made, is not counted.
+            item.submit_inflight_wall = None
+            item.submit_attempts -= 1
+            await ctx.save(item)
             raise
         except ApiError as exc:
             item.submit_inflight_wall = None
