@@ -450,7 +450,7 @@ def _folder_entry(
         owner = owners.first(file)
         if (owner is not None and owner != real) or not seen.add(file):
             return None  # one file is one item, however many paths reach it
-    image = path if path not in scan.links else scan.shown(real)
+    image = scan.shown(real) if path in scan.links and file is not None else path  # a dangling link names itself
     return ItemSpec(
         image=str(Path(image).absolute()),
         output_name=namer.assign(Path(image).stem, Path(image).suffix, key=real, image=real),
