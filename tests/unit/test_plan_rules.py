@@ -280,7 +280,7 @@ def test_property_manifest_rows_of_one_file_plan_once_and_keep_their_names(
 
         first = manifest(rows)
         planned = specs(first)
-        same = [(os.path.realpath(s.image), s.params.template_id) for s in planned]
+        same = [(os.path.realpath(s.image), tuple(sorted((s.overrides or {}).items())), s.preset) for s in planned]
         assert len(set(same)) == len(same)
         before = {s.key: s.output_name for s in planned}
         cfg_records = records(first)
