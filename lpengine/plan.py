@@ -356,28 +356,20 @@ def _walk(
 ) -> None:
     """Match `parts` below `folder` without ever entering a symlinked folder (those are noted in `folder_links`)."""
     part, rest = parts[0], parts[1:]
-    if part == "**":
-        if rest:
-            _walk(folder, rest, visit, folder_links)  # `**` matching no folder at all
-        for entry in _entries(folder):
-            if entry.name.startswith("."):
-                continue
-            if not rest:
-                visit(entry)
-            if entry.is_dir(follow_symlinks=False):
-                _walk(entry.path, parts, visit, folder_links)
-            elif entry.is_symlink() and _leads_to_folder(entry):
-                folder_links[entry.path] = ""
-        return
+    recursive = part == "**"
+    if recursive and rest:
+        _walk(folder, rest, visit, folder_links)  # `**` matching no folder at all
     for entry in _entries(folder):
         if entry.name.startswith(".") and not part.startswith("."):
-            continue
-        if not fnmatch.fnmatchcase(entry.name, part):
+            continue  # as glob: hidden names only for a part that asks for them (`**` never does)
+        if not recursive and not fnmatch.fnmatchcase(entry.name, part):
             continue
         if not rest:
             visit(entry)
-        elif entry.is_dir(follow_symlinks=False):
-            _walk(entry.path, rest, visit, folder_links)
+        if not (recursive or rest):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            _walk(entry.path, parts if recursive else rest, visit, folder_links)
         elif entry.is_symlink() and _leads_to_folder(entry):
             folder_links[entry.path] = ""
 
