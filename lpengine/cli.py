@@ -412,10 +412,16 @@ def _state_secrets(cfg: BatchConfig) -> Secrets:
 
 
 def _state_command(main: Callable[[], Awaitable[T]]) -> T:
+    """A state store or output folder that cannot be used: one `error:` line and exit 2, as `run` does."""
     try:
         return _run_async(main)
+    except ConfigError as exc:
+        raise _fail(exc.problems, EXIT_CONFIG) from None
     except LPEngineError as exc:
         raise _fail([str(exc)], EXIT_CONFIG) from None
+    except OSError as exc:
+        where = exc.filename or "the output folder"
+        raise _fail([f"cannot write {where} ({exc.strerror}); fix the folder's permissions"], EXIT_CONFIG) from None
 
 
 @app.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -140,8 +141,11 @@ class Engine:
         out = config.output_dir
         try:
             await anyio.Path(out).mkdir(parents=True, exist_ok=True)
+            await anyio.to_thread.run_sync(_probe_writable, out)
         except OSError as exc:
-            raise ConfigError([f"output.dir: cannot create {out} ({exc.strerror}); choose a writable folder"]) from None
+            raise ConfigError(
+                [f"output.dir: cannot write in {out} ({exc.strerror}); choose a writable folder or fix its permissions"]
+            ) from None
         shared = state_url(config, self._secrets) is not None  # cooperative workers: no run lock, no sweeping
         if self._lock and not shared:
             stack.enter_context(BatchLock(config.state_path.with_suffix(".lock")))
@@ -368,7 +372,10 @@ class Engine:
                 if on_planned is not None:
                     on_planned(count)
                 if isinstance(entry, PlanProblem):
-                    done(_problem_item(entry, self.config.video))
+                    problem = _problem_item(entry, self.config.video)
+                    # logged and counted live like any finished item, so stderr and the progress agree with the report
+                    ctx.emit(problem, "item.finished", level="warning", state=problem.state, reason=problem.reason)
+                    done(problem)
                     continue
                 await self._feed(Item(spec=entry), done)
             batch.fed_all = True
@@ -544,6 +551,13 @@ async def _heartbeat(coordinator: Coordinator, scope: anyio.CancelScope) -> None
         while True:
             await anyio.sleep(coordinator.heartbeat_every)
             await coordinator.heartbeat()
+
+
+def _probe_writable(folder: Path) -> None:
+    """Raise OSError now if `folder` takes no new file, rather than as a traceback from whichever write comes first
+    (the lock, the log, the state store)."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
 
 
 def _problem_item(problem: PlanProblem, params: VideoParams) -> Item:

@@ -27,6 +27,7 @@ from typing import Any, Self
 import anyio
 import orjson
 
+from lpengine.errors import ConfigError
 from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item, stored_upload
 
 _SCHEMA = """
@@ -93,12 +94,18 @@ class SqliteStateStore:
         self._db: sqlite3.Connection | None = None
 
     async def __aenter__(self) -> Self:
-        await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
-        # Autocommit: every statement is its own committed transaction.
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        try:
+            await anyio.Path(self.path.parent).mkdir(parents=True, exist_ok=True)
+            # Autocommit: every statement is its own committed transaction.
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=_BUSY_TIMEOUT_S)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            raise ConfigError([unusable_state(self.path, exc)]) from None
         return self
 
     async def __aexit__(
@@ -282,3 +289,18 @@ class SqliteStateStore:
             "SELECT item_id, output_name, state, stage, task_id, data FROM items ORDER BY output_name"
         ):
             yield stored_item(row)
+
+
+def unusable_state(path: Path, exc: OSError | sqlite3.Error) -> str:
+    """One line for a state file that cannot be opened: what is wrong with it, and what to do."""
+    reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+        return (
+            f"state.path: {path} is damaged ({reason}); restore it from a backup. Moving it aside starts the "
+            "batch afresh, and then every item is checked and paid for again"
+        )
+    return (
+        f"state.path: cannot open {path} for writing ({reason}); lpengine writes beside it even to read it: "
+        "run as the folder's owner, or fix its permissions"
+    )
+
