@@ -8,6 +8,8 @@ value is refused locally instead of by a paid request.
 from __future__ import annotations
 
 import difflib
+import io
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -17,6 +19,7 @@ from typing import Annotated, Any, Literal, get_origin
 
 import yaml
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from lpengine.errors import ConfigError
@@ -444,11 +447,36 @@ def _environment(config_dir: Path) -> dict[str, str]:
     for folder in (config_dir, Path.cwd()):
         dotenv = folder / ".env"
         if dotenv.is_file():
-            for key, value in dotenv_values(dotenv).items():
+            for key, value in _read_dotenv(dotenv).items():
                 if value is not None:
                     env.setdefault(key, value)
     env.update(os.environ)
     return env
+
+
+_reported_dotenv_lines: set[tuple[str, int]] = set()
+
+
+def _read_dotenv(path: Path) -> dict[str, str | None]:
+    """A `.env` file's values. A line it cannot read is reported once per process, naming the file and line:
+    python-dotenv's own warning names neither the file nor the fix, and came once per read (three per run)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    for binding in parse_stream(io.StringIO(text)):
+        where = (os.path.realpath(path), binding.original.line)  # the config's folder is often the cwd too
+        if binding.error and where not in _reported_dotenv_lines:
+            _reported_dotenv_lines.add(where)
+            logging.getLogger("lpengine").warning(
+                "%s:%d: not a NAME=value line, ignored (quote a value holding spaces or #)", *where
+            )
+    dotenv_logger = logging.getLogger("dotenv.main")
+    disabled, dotenv_logger.disabled = dotenv_logger.disabled, True  # its warnings were just said better
+    try:
+        return dotenv_values(stream=io.StringIO(text))
+    finally:
+        dotenv_logger.disabled = disabled
 
 
 def load_secrets(config_dir: Path | None = None) -> Secrets:

@@ -74,14 +74,22 @@ class _Batch:
 
 @dataclass(frozen=True, slots=True)
 class DryRunReport:
-    """What a run would send and roughly cost, from local checks only."""
+    """What a run would send and roughly cost, from local checks only. Every planned item is in exactly one of
+    `already_done`, `finished_failed`, `rejected`, `in_progress` and `would_submit`."""
 
     items: tuple[ItemResult, ...]
     would_detect: int
+    """Of `would_submit`, the items whose image has no face verdict yet."""
     would_submit: int
     video_seconds: float
     estimated_cost_cny: float
     already_done: int
+    finished_failed: int = 0
+    """Ended with a final failure in an earlier run (a refusal, a failed task): not retried, nothing paid."""
+    rejected: int = 0
+    """Refused by a local check or the plan: never sent."""
+    in_progress: int = 0
+    """Tasks an earlier run submitted: this run collects them, paying nothing new."""
 
 
 class Engine:
@@ -468,7 +476,7 @@ class Engine:
         ctx = self.ctx
         pricing = self.config.pricing
         results: list[ItemResult] = []
-        would_detect = would_submit = done = 0
+        would_detect = would_submit = done = failed = rejected = in_progress = 0
         seconds = 0.0
         seen_images: set[str] = set()
         count = 0
@@ -478,22 +486,30 @@ class Engine:
             count += 1
             if isinstance(entry, PlanProblem):
                 results.append(_problem_item(entry, self.config.video).result(0, 0))
+                rejected += 1
                 continue
             item = Item(spec=entry)
             await prepare(ctx, item)
             if item.state is ItemState.SUCCEEDED:
                 done += 1
-            elif item.state is None:
+            elif item.state is ItemState.REJECTED_LOCALLY:
+                rejected += 1
+            elif item.state is not None:
+                failed += 1
+            elif item.task_id is not None:
+                in_progress += 1
+            else:
                 key = item.image.sha256 if item.image else item.spec.image
                 if key not in seen_images and await ctx.store.detect_verdict(key) is None:
                     would_detect += 1
                 seen_images.add(key)
-                if item.task_id is None:
-                    would_submit += 1
-                    seconds += item.audio_duration
+                would_submit += 1
+                seconds += item.audio_duration
             results.append(item.result(0, 0))
         cost = would_detect * pricing.detect_per_image + seconds * pricing.video_per_second
-        return DryRunReport(tuple(results), would_detect, would_submit, seconds, round(cost, 4), done)
+        return DryRunReport(
+            tuple(results), would_detect, would_submit, seconds, round(cost, 4), done, failed, rejected, in_progress
+        )
 
     async def _plan(
         self, plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]]

@@ -135,11 +135,12 @@ def _kept(data: bytes) -> bytes | None:
 
 
 def _fmt_mb(size: int, limit: int) -> str:
-    """Sizes a person can compare with the limit; falls back to bytes where rounding would hide the excess."""
+    """Sizes a person can compare with the limit; falls back to bytes where rounding would hide the excess. In MiB,
+    as the limits are computed (10 MiB = 10,485,760 bytes), so no file "of 10.0 MB" is refused for being over 10 MB."""
     shown = f"{size / _MIB:.1f}"
     if size >= limit and float(shown) <= limit / _MIB:
-        return f"{shown} MB ({size:,} bytes)"
-    return f"{shown} MB"
+        return f"{shown} MiB ({size:,} bytes)"
+    return f"{shown} MiB"
 
 
 def _describe_oserror(exc: OSError) -> str:
@@ -191,7 +192,7 @@ def _check_size(path: Path, size: int, *, what: str, max_bytes: int, advice: str
         limit_mb = max_bytes // _MIB
         raise MediaError(
             path,
-            f"is {_fmt_mb(size, max_bytes)}; {what} files must be under {limit_mb} MB — {advice}",
+            f"is {_fmt_mb(size, max_bytes)}; {what} files must be under {limit_mb} MiB — {advice}",
         )
 
 

@@ -125,6 +125,10 @@ class Item:
     analysis: dict[str, Any] | None = None
     """The video's judgement (`lpengine.analysis`): verdict, flags, score, metrics; verdict `analysis_failed` with
     `metrics.error` when it could not be judged. None: not analysed."""
+    detect_paid_now: bool = False
+    """This run paid the face check (`detect_paid` also holds a check paid by an earlier run)."""
+    billed_before: bool = False
+    """An earlier run already saw the video succeed (and so counted its cost)."""
 
     def finish(self, state: ItemState, reason: str = "", *, transient: bool = False) -> Item:
         """End the item. `transient` outcomes (network trouble, retryable task codes) are retried by a re-run;
@@ -135,8 +139,15 @@ class Item:
         return self
 
     def cost(self, detect_price: float, video_price: float) -> float:
+        """What the item has cost, over every run of the batch."""
         video = (self.video_duration or 0.0) * video_price if self.state is ItemState.SUCCEEDED else 0.0
         return (detect_price if self.detect_paid else 0.0) + video
+
+    def cost_this_run(self, detect_price: float, video_price: float) -> float:
+        """What this run added: a re-run that sends nothing costs nothing, however much the batch cost before."""
+        succeeded_now = self.state is ItemState.SUCCEEDED and not self.billed_before
+        video = (self.video_duration or 0.0) * video_price if succeeded_now else 0.0
+        return (detect_price if self.detect_paid_now else 0.0) + video
 
     def result(self, detect_price: float, video_price: float) -> ItemResult:
         return ItemResult(
@@ -155,6 +166,7 @@ class Item:
             preset=self.spec.preset,
             params=self.spec.params.model_dump(),
             audio=str(self.audio.path) if self.audio else self.spec.audio,
+            cost_this_run_cny=round(self.cost_this_run(detect_price, video_price), 6),
             **verdict_fields(self.analysis),
         )
 
@@ -196,6 +208,7 @@ class ItemResult:
     submit_attempts: int
     timings: dict[str, float]
     cost_cny: float
+    """What the item cost over every run of the batch."""
     resumed: bool = False
     preset: str | None = None
     """The preset the item's parameters came from, if any."""
@@ -208,6 +221,8 @@ class ItemResult:
     flags: list[str] | None = None
     score: int | None = None
     metrics: dict[str, Any] | None = None
+    cost_this_run_cny: float = 0.0
+    """What this run paid for it (0 for work finished by an earlier run)."""
 
     @property
     def needs_review(self) -> bool:
@@ -237,6 +252,7 @@ class ItemResult:
             "flags": self.flags,
             "score": self.score,
             "metrics": self.metrics,
+            "cost_this_run_cny": self.cost_this_run_cny,
         }
 
     @classmethod
@@ -261,6 +277,7 @@ class ResultTotals:
     """Videos judged warn, bad or analysis_failed (docs/analysis.md)."""
     review_names: list[str] = field(default_factory=list)
     """The first `REVIEW_NAMES` of them, by file name, for the run summary."""
+    cost_this_run_cny: float = 0.0
 
     def add(self, result: ItemResult) -> None:
         self.items += 1
@@ -270,6 +287,7 @@ class ResultTotals:
             self.needs_review += 1
             if len(self.review_names) < REVIEW_NAMES:
                 self.review_names.append(os.path.basename(result.output or result.input))
+        self.cost_this_run_cny += result.cost_this_run_cny
 
     @classmethod
     def of(cls, results: Iterable[ItemResult]) -> ResultTotals:
@@ -312,12 +330,18 @@ class RunReport:
 
     @property
     def cost_cny(self) -> float:
+        """The batch total: what its items cost over every run (a re-run that sends nothing repeats it)."""
         return round(self._totals.cost_cny, 6)
 
     @property
     def needs_review(self) -> tuple[int, list[str]]:
         """How many videos need a look, and the names of the first of them."""
         return self._totals.needs_review, list(self._totals.review_names)
+
+    @property
+    def cost_this_run_cny(self) -> float:
+        """What this run paid: the figure to add up across cron runs."""
+        return round(self._totals.cost_this_run_cny, 6)
 
     @property
     def ok(self) -> bool:
@@ -334,6 +358,7 @@ class RunReport:
             "items": self._totals.items,
             "counts": self.counts,
             "cost_cny": self.cost_cny,
+            "cost_this_run_cny": self.cost_this_run_cny,
             "wall_time_s": round(self.wall_time_s, 3),
             "dry_run": self.dry_run,
             "api_requests": self.api_requests,

@@ -236,15 +236,53 @@ class Namer:
 
 
 def input_problems(config: BatchConfig) -> list[str]:
-    """Inputs that cannot exist at all: a cron run must not "succeed" with zero items because of a typo."""
+    """Inputs that cannot work at all, said once for the batch rather than once per item: a cron run must not
+    "succeed" with zero items because of a typo, nor fail every item for want of one line in the config."""
+    columns: list[str] | None = None  # a CSV manifest's header (JSONL rows name their own fields)
     if config.inputs.images is not None:
         pattern = config.inputs.images
         root = config.resolve(pattern)
         if not glob.has_magic(pattern) and not root.exists():
             return [f"inputs.images: {root} does not exist; check the path (a folder or a glob like photos/*.jpg)"]
-    elif config.inputs.manifest is not None and not config.resolve(config.inputs.manifest).is_file():
-        return [f"inputs.manifest: {config.resolve(config.inputs.manifest)} not found; check the path"]
+    elif config.inputs.manifest is not None:
+        manifest = config.resolve(config.inputs.manifest)
+        if not manifest.is_file():
+            return [f"inputs.manifest: {manifest} not found; check the path"]
+        columns = _csv_header(manifest)
+        if columns is not None and "image" not in columns:
+            shown = ", ".join(columns) or "none"
+            return [
+                f"inputs.manifest: {manifest} has no `image` column (its first line names: {shown}); the first line "
+                "must name the columns, e.g. image,audio,output"
+            ]
+    if config.audio is None and (config.inputs.images is not None or (columns is not None and "audio" not in columns)):
+        return ["audio: not set; set `audio:` to a wav or mp3 for every item (or give the manifest an `audio` column)"]
     return []
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The column names on a CSV manifest's first line; None for JSONL or an unreadable file (rows report those)."""
+    if path.suffix.lower() in {".jsonl", ".ndjson", ".json"}:
+        return None
+    try:
+        with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+            header = next(csv.reader(fh), None)
+    except (OSError, csv.Error):
+        return None
+    return None if header is None else [name.strip() for name in header if name.strip()]
+
+
+def empty_hint(config: BatchConfig) -> str | None:
+    """Why a folder batch planned nothing, when the answer is near: its images sit in subfolders, which a folder
+    input does not enter (a glob with `**` does)."""
+    if config.inputs.images is None or glob.has_magic(config.inputs.images):
+        return None
+    root = config.resolve(config.inputs.images)
+    for folder, _, names in os.walk(root):
+        if folder != str(root) and any(Path(n).suffix.lower() in IMAGE_SUFFIXES for n in names):
+            pattern = Path(config.inputs.images, "**", "*").as_posix()
+            return f"no images directly in {root}, but its subfolders hold some: use `images: '{pattern}'` to take them"
+    return f"no images in {root}: put .jpg, .png, .bmp or .webp files there"
 
 
 @dataclass(slots=True)

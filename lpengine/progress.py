@@ -263,7 +263,7 @@ def _summary_line(snap: dict[str, Any]) -> Text:
         if n:
             line.append("  ")
             line.append(f"{state.value} {n}", style=STATE_STYLES[state])
-    line.append(f"   spend ≈ {snap['cost_cny']:.3f} CNY", style="bold")
+    line.append(f"   this run ≈ {snap['cost_cny']:.3f} CNY", style="bold")
     return line
 
 

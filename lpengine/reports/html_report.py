@@ -178,7 +178,8 @@ def _header(report: RunReport, title: str, extra: dict[str, object], counts: dic
     generated = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
     cards = [
         ("Items", f"{len(report.items):,}"),
-        ("Estimated spend", f"{report.cost_cny:,.3f} CNY"),
+        ("Cost, batch total", f"{report.cost_cny:,.3f} CNY"),
+        ("Cost, this run", f"{report.cost_this_run_cny:,.3f} CNY"),
         ("Wall time", _duration(report.wall_time_s)),
         *((str(k), str(v)) for k, v in extra.items()),
     ]

@@ -34,6 +34,7 @@ class ProgressEvent:
     reason: str = ""
     task_id: str | None = None
     cost_cny: float = 0.0
+    """What this run has paid for the item so far (work paid by an earlier run is not counted again)."""
 
 
 @dataclass(slots=True)
@@ -144,7 +145,7 @@ class StageContext:
                     state=item.state,
                     reason=item.reason,
                     task_id=item.task_id,
-                    cost_cny=item.cost(pricing.detect_per_image, pricing.video_per_second),
+                    cost_cny=item.cost_this_run(pricing.detect_per_image, pricing.video_per_second),
                 )
             )
 

@@ -55,7 +55,7 @@ async def detect(ctx: StageContext, item: Item) -> None:
                 item.finish(ItemState.DETECT_FAILED, f"detect did not answer after retries: {exc}", transient=True)
                 return
             verdict = (result.passed, result.message)
-            item.detect_paid = True
+            item.detect_paid = item.detect_paid_now = True
         passed, message = verdict
         item.detect_message = message if passed is not None else LOST_VERDICT
         item.timings["detect"] = time.perf_counter() - started

@@ -181,6 +181,7 @@ def _finished(stored: StoredItem) -> bool:
 def _restore(item: Item, stored: StoredItem, *, finished: bool) -> None:
     restore_item(item, stored.data)
     item.resumed = True
+    item.billed_before = stored.state == ItemState.SUCCEEDED.value  # its video file may have vanished since
     item.stage = Stage.UPLOAD
     if finished:
         item.settled = stored.data.get("input") == item.spec.image  # else the new path is saved when it ends

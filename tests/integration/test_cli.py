@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -82,7 +83,11 @@ async def test_dry_run_sends_nothing_and_estimates_cost(tmp_path: Path, emulator
     )
     assert proc.returncode == 1  # one file is rejected locally
     assert "nothing was sent" in proc.stdout
-    assert "would detect            3" in proc.stdout and "would submit            3" in proc.stdout
+    assert "of which face checks  3" in proc.stdout and "would submit            3" in proc.stdout
+    planned = re.search(r"(\d+) item\(s\) planned", proc.stdout)
+    rows = [re.match(r"  \S.+?\s{2,}(\d+)", line) for line in proc.stdout.splitlines()[1:6]]
+    assert planned is not None and all(rows), proc.stdout
+    assert sum(int(row.group(1)) for row in rows if row) == int(planned.group(1)) == 4  # the five rows add up
     assert "broken.jpg" in proc.stdout
     assert "estimated cost" in proc.stdout
     stats = emulator.stats()  # type: ignore[attr-defined]
@@ -92,7 +97,8 @@ async def test_dry_run_sends_nothing_and_estimates_cost(tmp_path: Path, emulator
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`lpengine demo` needs no key and writes playable videos and the three reports."""
     proc = lpengine("demo", "--output", str(tmp_path / "demo"), env={"DASHSCOPE_API_KEY": ""})
-    assert proc.returncode == 1, proc.stderr  # the coffee cup is refused by detect, on purpose
+    assert proc.returncode == 0, proc.stderr  # the coffee cup is refused by detect, on purpose: not a failure
+    assert "as intended: noface-coffee.jpg refused by the face check" in proc.stdout
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["summary"]["counts"] == {"succeeded": 6, "detect_failed": 1}
     assert {"report.html", "report.csv"} <= {p.name for p in (tmp_path / "demo").iterdir()}

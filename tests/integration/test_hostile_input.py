@@ -101,7 +101,7 @@ def bad_audio(folder: Path) -> dict[str, tuple[Path, str]]:
     for name, (path, data, words) in files.items():
         path.write_bytes(data)
         out[name] = (path, words)
-    out["big"] = (sparse(folder / "big.wav", wav(2.0), 16 * MB), "is 16.0 MB; audio files must be under 15 MB")
+    out["big"] = (sparse(folder / "big.wav", wav(2.0), 16 * MB), "is 16.0 MiB; audio files must be under 15 MiB")
     out["missing"] = (folder / "nowhere.wav", "does not exist")
     return out
 
@@ -206,7 +206,7 @@ async def test_hostile_images_each_refused_with_one_line_and_the_rest_succeed(
     put("heic-inside.jpg", heic, "unsupported format HEIC/HEIF")
     put("bomb.png", png_with_header(60000, 60000), "decompression bomb")
     sparse(photos / "huge.jpg", data[:1024], 10 * MB + 1)
-    bad["huge.jpg"] = "image files must be under 10 MB"
+    bad["huge.jpg"] = "image files must be under 10 MiB"
     (photos / "folder.jpg").mkdir()
     bad["folder.jpg"] = "is a directory"
     (photos / "dangling.jpg").symlink_to(photos / "deleted-since.jpg")

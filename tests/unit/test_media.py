@@ -261,7 +261,7 @@ def test_size_limit_is_checked_before_reading(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(media, "open", no_decode, raising=False)
     monkeypatch.setattr(Image, "open", no_decode)
     reason = reason_of(lambda: inspect_image(path))
-    assert reason.startswith("is 10.0 MB (10,485,761 bytes); image files must be under 10 MB")
+    assert reason.startswith("is 10.0 MiB (10,485,761 bytes); image files must be under 10 MiB")
     assert "resize or recompress" in reason
 
 
@@ -269,7 +269,7 @@ def test_real_big_bmp_is_refused_by_size(tmp_path: Path) -> None:
     path = tmp_path / "huge.bmp"
     Image.new("RGB", (2048, 1800), (10, 20, 30)).save(path, "BMP")
     assert path.stat().st_size > 10 * MIB
-    assert reason_of(lambda: inspect_image(path)).startswith("is 10.5 MB; image files must be under 10 MB")
+    assert reason_of(lambda: inspect_image(path)).startswith("is 10.5 MiB; image files must be under 10 MiB")
 
 
 def test_size_limit_boundary(tmp_path: Path) -> None:
@@ -280,7 +280,7 @@ def test_size_limit_boundary(tmp_path: Path) -> None:
     assert inspect_image(path).size == 10 * MIB - 1
     with path.open("r+b") as fh:
         fh.truncate(10 * MIB)
-    assert "must be under 10 MB" in reason_of(lambda: inspect_image(path))
+    assert "must be under 10 MiB" in reason_of(lambda: inspect_image(path))
 
 
 @pytest.mark.parametrize(
@@ -565,10 +565,10 @@ def test_audio_size_limit(tmp_path: Path) -> None:
     with path.open("r+b") as fh:
         fh.truncate(16 * MIB)
     reason = reason_of(lambda: inspect_audio(path))
-    assert reason.startswith("is 16.0 MB; audio files must be under 15 MB")
+    assert reason.startswith("is 16.0 MiB; audio files must be under 15 MiB")
     with path.open("r+b") as fh:
         fh.truncate(15 * MIB)
-    assert "must be under 15 MB" in reason_of(lambda: inspect_audio(path))
+    assert "must be under 15 MiB" in reason_of(lambda: inspect_audio(path))
 
 
 def test_audio_just_under_size_limit_is_accepted(tmp_path: Path) -> None:

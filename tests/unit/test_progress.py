@@ -147,7 +147,7 @@ def test_tty_progress_renders_stages_and_routes_logs_above_the_bars() -> None:
     text = out.getvalue()
     for stage in ("upload", "detect", "submit", "poll", "download"):
         assert stage in text
-    assert "4/10" in text and "spend ≈ 0.212 CNY" in text
+    assert "4/10" in text and "this run ≈ 0.212 CNY" in text
     assert "task_failed: InvalidImage.NoHumanFace" in text
     # the log line arrives whole, on a line of its own, not spliced into a bar
     assert any(line.rstrip().endswith("items=10") and "batch.started" in line for line in text.splitlines())
