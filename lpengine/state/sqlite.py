@@ -303,4 +303,3 @@ def unusable_state(path: Path, exc: OSError | sqlite3.Error) -> str:
         f"state.path: cannot open {path} for writing ({reason}); lpengine writes beside it even to read it: "
         "run as the folder's owner, or fix its permissions"
     )
-
