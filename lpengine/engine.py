@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,6 +47,7 @@ from lpengine.reports import result_from_state, write_reports
 from lpengine.reports.spool import ResultSpool, spool_dir
 from lpengine.stages.context import ProgressEvent, StageContext
 from lpengine.stages.upload import load_audio, prepare
+from lpengine.stages.upright import upright_folder
 from lpengine.state import BatchLock, open_store, state_secrets, state_url
 from lpengine.state.base import Coordinator
 from lpengine.storage import open_storage
@@ -160,6 +162,7 @@ class Engine:
             # Holding the lock, nobody else writes here: partial downloads of a killed run can go.
             for stale in await anyio.to_thread.run_sync(lambda: list(out.glob(".*.part"))):
                 await anyio.Path(stale).unlink(missing_ok=True)
+            await anyio.to_thread.run_sync(shutil.rmtree, upright_folder(config), True)  # a killed run's copies
         # Before anything that could reach DashScope: an unusable state database stops the run with nothing sent.
         store = await stack.enter_async_context(open_store(config, self._secrets, worker=self._lock))
         base_url, api_key = config.api.base_url, self._secrets.api_key
@@ -211,6 +214,7 @@ class Engine:
             url_lifetime=self._url_lifetime(),
             window=asyncio.Semaphore(config.concurrency.submit_window),
         )
+        stack.callback(self._ctx.upright.close)
         if self._ctx.default_audio is not None:
             # The shared voice track is checked before anything else: a bad one fails every item.
             try:

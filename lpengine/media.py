@@ -44,6 +44,7 @@ __all__ = [
     "MediaError",
     "inspect_audio",
     "inspect_image",
+    "upright_image",
     "verify_mp4",
 ]
 
@@ -109,6 +110,9 @@ class ImageInfo:
     data: bytes | None = field(default=None, repr=False, compare=False)
     """The bytes that were checked and hashed, kept for small files (`INLINE_IO_BYTES`) so that publishing sends
     exactly them without reading the file again."""
+    orientation: int = 1
+    """The EXIF Orientation a viewer applies (2–8: the pixels are stored turned or mirrored; `upright_image` turns
+    them). `width` and `height` are the upright picture's, as the person who chose the photo sees it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,7 +450,8 @@ def inspect_image(path: Path) -> ImageInfo:
         if (declared := _webp_canvas_size(data)) is not None:
             _check_dimensions(path, *declared)
     img = _open_image(path, data, pil_format)
-    width, height = img.size
+    orientation = _orientation(img)[0]
+    width, height = img.size[::-1] if orientation in _TURNED else img.size
     try:
         _check_dimensions(path, width, height)
     except MediaError:
@@ -464,7 +469,105 @@ def inspect_image(path: Path) -> ImageInfo:
         content_type=content_type,
         suffix=suffix,
         data=_kept(data),
+        orientation=orientation,
     )
+
+
+_TURNED: Final = frozenset({5, 6, 7, 8})
+"""EXIF Orientations whose upright picture has width and height swapped."""
+
+_UPRIGHT: Final = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""What a viewer does to the stored pixels for each EXIF Orientation (TIFF tag 274), as `ImageOps.exif_transpose`."""
+
+
+def _orientation(img: ImageFile.ImageFile) -> tuple[int, bytes]:
+    """The EXIF Orientation Pillow found before the pixels (JPEG APP1, PNG eXIf, WEBP EXIF), and for 2–8 the EXIF
+    block with it set to 1 (for the upright copy; everything else in it kept byte for byte). (1, b"") when absent,
+    unreadable or out of range: the file is then sent as it is.
+
+    Read here, not with `Image.getexif`: Pillow warns on the malformed EXIF that editors and old cameras write (and a
+    warning filter is process-wide state, see the module docstring), and its PNG plugin decodes the whole image to
+    look for an `eXIf` chunk after the pixel data."""
+    exif = img.info.get("exif")
+    if not isinstance(exif, bytes):
+        return 1, b""
+    base = 6 if exif.startswith(b"Exif\x00\x00") else 0
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(exif[base : base + 4])
+    if order is None:
+        return 1, b""
+    try:
+        (ifd,) = struct.unpack_from(order + "I", exif, base + 4)
+        (count,) = struct.unpack_from(order + "H", exif, base + ifd)
+        for entry in range(base + ifd + 2, base + ifd + 2 + 12 * count, 12):
+            tag, kind, n, value = struct.unpack_from(order + "HHIH", exif, entry)
+            if tag == 0x0112:
+                if kind != 3 or n != 1 or value not in _UPRIGHT:  # one SHORT, 2–8
+                    return 1, b""
+                return value, exif[: entry + 8] + struct.pack(order + "H", 1) + exif[entry + 10 :]
+    except struct.error:  # an offset or a count past the end of the block
+        pass
+    return 1, b""
+
+
+def upright_image(path: Path, sha256: str, data: bytes | None = None) -> bytes:
+    """The photo as viewers show it: its EXIF Orientation applied to the pixels and set to 1 (the rest of its EXIF
+    and its colour profile kept as they are), re-encoded in its own format: JPEG with its own quantisation tables and
+    chroma subsampling, so about as large and as sharp; PNG and lossless WEBP without loss.
+
+    Phone cameras store the sensor's pixels and an Orientation tag; whether the service applies the tag is not
+    documented, and a face lying on its side is a paid "No human face detected.". Upright pixels tagged 1 are right
+    either way. Decodes the image: CPU work, for a worker thread. `data`: the checked bytes when the caller still
+    holds them; else `path` is read again and must still hash to `sha256`. A photo without an Orientation to apply
+    is returned as it is.
+    """
+    path = Path(path)
+    if data is None:
+        data = _read_regular_file(path, what="image", max_bytes=IMAGE_MAX_BYTES, advice="")
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise MediaError(path, "changed since it was checked — run again to check the new file")
+    pil_format = _sniff_image(data)
+    if pil_format is None:
+        raise MediaError(path, f"unsupported format {_name_unsupported_image(data)}; use {_IMAGE_KINDS}")
+    out = io.BytesIO()
+    with _open_image(path, data, pil_format) as img:
+        orientation, exif = _orientation(img)
+        if orientation == 1:
+            return data
+        try:
+            upright = img.transpose(_UPRIGHT[orientation])  # decodes
+        except Exception as exc:  # as in _open_image: damaged data surfaces as many exception types
+            raise _damaged(path, pil_format, exc, "its data is corrupt") from None
+        options: dict[str, object] = {"exif": exif}
+        if icc := img.info.get("icc_profile"):
+            options["icc_profile"] = icc
+        if pil_format == "JPEG":
+            assert isinstance(img, JpegImagePlugin.JpegImageFile)
+            options["qtables"] = img.quantization
+            if (sampling := JpegImagePlugin.get_sampling(img)) != -1:
+                options["subsampling"] = sampling
+        elif pil_format == "WEBP" and data[12:16] == b"VP8L":
+            options["lossless"] = True
+        elif pil_format == "WEBP":
+            options["quality"] = 90
+        upright.save(out, format=pil_format, **options)
+    turned = out.getvalue()
+    _check_size(
+        path,
+        len(turned),
+        what="image",
+        max_bytes=IMAGE_MAX_BYTES,
+        advice="it is stored turned (EXIF Orientation) and, turned upright, no longer fits; export it upright "
+        "at a lower quality",
+    )
+    return turned
 
 
 # ----------------------------------------------------------------------------------------------------- audio

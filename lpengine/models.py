@@ -89,6 +89,11 @@ class Item:
     spec: ItemSpec
     item_id: str = ""
     image: LocalFile | None = None
+    """The image file as stored: its hash is the item's identity."""
+    image_orientation: int = 1
+    """Its EXIF Orientation (`lpengine.media.ImageInfo.orientation`); other than 1, `upright` is what is sent."""
+    upright: LocalFile | None = None
+    """The upright copy published in place of `image` while the item runs (`lpengine.stages.upright`)."""
     audio: LocalFile | None = None
     audio_duration: float = 0.0
     image_urls: dict[str, Published] = field(default_factory=dict)
@@ -129,6 +134,11 @@ class Item:
     """This run paid the face check (`detect_paid` also holds a check paid by an earlier run)."""
     billed_before: bool = False
     """An earlier run already saw the video succeed (and so counted its cost)."""
+
+    @property
+    def sent_image(self) -> LocalFile | None:
+        """The image file the service is given (and its face verdict is about): `upright` or `image`."""
+        return self.upright or self.image
 
     def finish(self, state: ItemState, reason: str = "", *, transient: bool = False) -> Item:
         """End the item. `transient` outcomes (network trouble, retryable task codes) are retried by a re-run;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import operator
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from lpengine.config import BatchConfig
 from lpengine.locks import KeyedLocks
 from lpengine.logs import BatchLog
 from lpengine.models import Item, ItemState, Stage
+from lpengine.stages.upright import UprightCopies, upright_folder
 from lpengine.state.base import StateStore
 from lpengine.storage.base import LocalFile, Storage
 
@@ -62,9 +64,11 @@ class StageContext:
     output_dir: Path = field(init=False)
     default_audio: str | None = field(init=False)
     """The config's `audio`, resolved (None without one: each item then names its own)."""
+    upright: UprightCopies = field(init=False)
 
     def __post_init__(self) -> None:
         self.output_dir = self.config.output_dir
+        self.upright = UprightCopies(upright_folder(self.config) / secrets.token_hex(4))
         self.default_audio = str(self.config.resolve(self.config.audio)) if self.config.audio else None
         if self.client is not None:
             self.client.on_retry = self._client_retried
@@ -126,6 +130,9 @@ class StageContext:
             self.storage.release(published)
         item.image_urls.clear()
         item.audio_urls.clear()
+        if item.upright is not None and item.image is not None:
+            self.upright.release(item.image)
+            item.upright = None
 
     def emit(self, item: Item, event: str, level: str = "info", **fields: Any) -> None:
         self.log.emit(

@@ -23,10 +23,13 @@ LOST_VERDICT = "detect answer lost in an interrupted run; not repeated (no doubl
 async def detect(ctx: StageContext, item: Item) -> None:
     item.stage = Stage.DETECT
     started = time.perf_counter()
-    key = item.image.sha256 if item.image else item.spec.image
+    sent = item.sent_image
+    key = sent.sha256 if sent else item.spec.image
     # Copies of one image in a batch wait for the first one's verdict instead of paying again.
     async with ctx.locks.hold(("detect", key)):
         verdict = await ctx.store.detect_verdict(key)
+        if verdict is None and item.upright is not None and item.image is not None:
+            verdict = await _verdict_before_upright(ctx, item.image.sha256)
         fresh = verdict is None
         if verdict is None:
             if ctx.store.shared:
@@ -66,3 +69,11 @@ async def detect(ctx: StageContext, item: Item) -> None:
                 item.finish(ItemState.DETECT_FAILED, message or "the service found no usable face")
             else:
                 await ctx.save(item)
+
+
+async def _verdict_before_upright(ctx: StageContext, stored_sha: str) -> tuple[bool | None, str] | None:
+    """A verdict a run older than upright copies recorded for a turned photo as stored (it sent the file as it is).
+    A pass, or an answer lost in a crash, still stands: the check is not paid twice. "No face" does not: that was
+    the picture lying on its side, the very failure the copy exists to avoid."""
+    verdict = await ctx.store.detect_verdict(stored_sha)
+    return verdict if verdict is not None and verdict[0] is not False else None

@@ -95,6 +95,7 @@ async def prepare(ctx: StageContext, item: Item) -> None:
                 return
             info = await _inspect(inspect_image, Path(item.spec.image), stamp)
             item.image = _local(info)
+            item.image_orientation = info.orientation
             item.image_stamp = stamp
             image_sha = info.sha256
     except InputRejectedError as exc:
@@ -210,23 +211,35 @@ async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
 
 async def upload(ctx: StageContext, item: Item) -> None:
     """Publish the image for both models (once, unless the backend binds files to a model) and the shared audio
-    for synthesis; URL inputs pass through."""
+    for synthesis; URL inputs pass through. A photo stored turned is published as its upright copy."""
     started = time.perf_counter()
     model_bound = ctx.storage.model_bound
     try:
-        if item.image is None:
+        if item.image is not None and item.image_orientation != 1 and item.upright is None:
+            item.upright = await ctx.upright.take(item.image)
+            ctx.log.emit("info", "image.upright", item=item.spec.output_name, orientation=item.image_orientation)
+        image = item.sent_image
+        if image is None:
             for model in MODELS:
                 item.image_urls[model] = Published(item.spec.image, item.spec.image.startswith("oss://"))
         else:
-            item.image_urls[DETECT_MODEL] = await publish(ctx, item.image, DETECT_MODEL)
+            item.image_urls[DETECT_MODEL] = await publish(ctx, image, DETECT_MODEL)
             item.image_urls[SYNTHESIS_MODEL] = (
-                await publish(ctx, item.image, SYNTHESIS_MODEL) if model_bound else item.image_urls[DETECT_MODEL]
+                await publish(ctx, image, SYNTHESIS_MODEL) if model_bound else item.image_urls[DETECT_MODEL]
             )
         if item.audio is None:
             ref = item.spec.audio or str(ctx.config.audio)
             item.audio_urls[SYNTHESIS_MODEL] = Published(ref, ref.startswith("oss://"))
         else:
             item.audio_urls[SYNTHESIS_MODEL] = await publish(ctx, item.audio, SYNTHESIS_MODEL)
+    except InputRejectedError as exc:  # the upright copy: undecodable pixels, or over the size limit
+        item.finish(ItemState.REJECTED_LOCALLY, f"{exc.path}: {exc.reason}")
+    except OSError as exc:
+        item.finish(
+            ItemState.UPLOAD_FAILED,
+            f"cannot write the upright copy of {item.spec.image} in {ctx.upright.folder} ({exc.strerror or exc})",
+            transient=True,
+        )
     except StorageError as exc:
         item.finish(ItemState.UPLOAD_FAILED, str(exc), transient=True)
     item.timings["upload"] = time.perf_counter() - started

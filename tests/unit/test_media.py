@@ -509,6 +509,89 @@ def test_bit_flipped_real_images_only_ever_raise_media_error(tmp_path: Path, fli
             inspect_image(write(tmp_path / "flipped", bytes(data)))
 
 
+# --------------------------------------------------------------------------------------- EXIF orientation
+
+# How each EXIF Orientation was stored, as the inverse of what a viewer applies (Pillow's `ImageOps.exif_transpose`).
+STORED_AS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def save_turned(path: Path, upright: Image.Image, orientation: int, fmt: str, **kw: object) -> Path:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.transpose(STORED_AS[orientation]).save(path, fmt, exif=exif.tobytes(), **kw)
+    return path
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_AS))
+def test_every_exif_orientation_is_turned_back_to_the_picture_a_viewer_shows(tmp_path: Path, orientation: int) -> None:
+    """Lossless PNG: the upright copy is pixel for pixel the picture before it was stored turned, and its Orientation
+    is 1 (a service that applies the tag must not turn it a second time)."""
+    upright = portrait((300, 200))
+    path = save_turned(tmp_path / "turned.png", upright, orientation, "PNG")
+    info = inspect_image(path)
+    assert (info.orientation, info.width, info.height) == (orientation, 300, 200)
+    with Image.open(io.BytesIO(media.upright_image(path, info.sha256))) as copy:
+        assert copy.format == "PNG"
+        assert copy.getexif().get(0x0112) == 1
+        assert copy.convert("RGB").tobytes() == upright.tobytes()
+
+
+@pytest.mark.parametrize(("fmt", "growth"), [("JPEG", 1.2), ("WEBP", 2.0)])
+def test_a_lossy_upright_copy_is_about_as_large_and_as_sharp_as_the_photo(
+    tmp_path: Path, fmt: str, growth: float
+) -> None:
+    """JPEG keeps its own quantisation tables and subsampling: no surprise over the 10 MiB limit, no visible loss.
+    (A WEBP's quality cannot be read back: it is written at 90.)"""
+    upright = portrait((640, 480))
+    path = save_turned(tmp_path / "turned", upright, 6, fmt, quality=85)
+    info = inspect_image(path)
+    data = media.upright_image(path, info.sha256)
+    assert len(data) < growth * info.size
+    with Image.open(io.BytesIO(data)) as copy:
+        assert copy.size == (640, 480) and copy.format == fmt
+        diff = [abs(a - b) for a, b in zip(copy.convert("RGB").tobytes(), upright.tobytes(), strict=True)]
+        assert sum(diff) / len(diff) < 3
+
+
+def test_a_turned_photo_is_judged_and_named_by_its_upright_size(tmp_path: Path) -> None:
+    """Stored 2100x1000 and turned by its tag, the photo is 1000x2100 to the person who chose it."""
+    path = save_turned(tmp_path / "tall.jpg", portrait((1000, 2100)), 6, "JPEG")
+    assert "is 1000x2100 px, aspect ratio 2.10" in reason_of(lambda: inspect_image(path))
+
+
+@pytest.mark.parametrize(
+    "exif",
+    [
+        b"Exif\x00\x00garbage",
+        b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff",  # 65535 entries promised, none there
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x63\x00\x00",  # 99
+        b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x04\x00\x00\x00\x01\x00\x00\x00\x06",  # a LONG
+    ],
+)
+def test_unreadable_exif_leaves_the_photo_as_it_is(tmp_path: Path, exif: bytes) -> None:
+    """Broken EXIF is common (editors, old cameras): the photo is not refused for it, and is sent as stored. (PNG:
+    Pillow itself refuses a JPEG with some of these, before the orientation is looked at.)"""
+    path = save_image(tmp_path / "odd.png", "PNG", exif=exif)
+    info = inspect_image(path)
+    assert info.orientation == 1
+    assert media.upright_image(path, info.sha256) == path.read_bytes()
+
+
+def test_an_upright_copy_is_never_made_of_a_file_changed_since_its_check(tmp_path: Path) -> None:
+    path = save_turned(tmp_path / "turned.jpg", portrait(), 6, "JPEG")
+    info = inspect_image(path)
+    save_turned(path, portrait((320, 300)), 6, "JPEG")
+    assert "changed since it was checked" in reason_of(lambda: media.upright_image(path, info.sha256))
+
+
 # ---------------------------------------------------------------------------------------------------- audio
 
 
