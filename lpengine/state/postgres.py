@@ -476,6 +476,30 @@ class PostgresStateStore:
             (self.batch, path, *stamp, sha256),
         )
 
+    async def redo_epoch(self) -> int:
+        row = await self._one(
+            "SELECT max((data->'redo'->>'epoch')::int) FROM lpengine.items WHERE batch = %s", (self.batch,)
+        )
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def start_redo(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """One transaction on one connection (the only multi-row one here): it holds no caller's await."""
+        rows = [
+            (d.get("state"), d.get("stage", "plan"), d.get("task_id"), orjson.dumps(d).decode(), self.batch, i)
+            for i, d in items
+        ]
+
+        async def work(conn: psycopg.AsyncConnection[Any]) -> None:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(
+                    b"UPDATE lpengine.items SET state = %s, stage = %s, task_id = %s, data = %s, "
+                    b"updated_at = extract(epoch from now()) WHERE batch = %s AND item_id = %s",
+                    rows,
+                )
+
+        with anyio.CancelScope(shield=True):  # idempotent: sent again whole after an outage
+            await self._run(work)
+
     async def items(self) -> AsyncIterator[StoredItem]:
         """Every item in output-name order, a page at a time (keyset paging: no cursor held across yields)."""
         after: tuple[str, str] | None = None

@@ -280,6 +280,20 @@ class SqliteStateStore:
         with self.together():  # one transaction for the lot (autocommit would commit each row)
             self.db.executemany("DELETE FROM uploads WHERE created_key = ?", [(k,) for k in keys])
 
+    async def redo_epoch(self) -> int:
+        row = await self._one("SELECT max(json_extract(data, '$.redo.epoch')) FROM items", ())
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def start_redo(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        with self.together():
+            self.db.executemany(
+                "UPDATE items SET state = ?, stage = ?, task_id = ?, data = ?, updated_at = ? WHERE item_id = ?",
+                [
+                    (d.get("state"), d.get("stage", "plan"), d.get("task_id"), orjson.dumps(d).decode(), time.time(), i)
+                    for i, d in items
+                ],
+            )
+
     async def workers(self) -> list[dict[str, Any]]:
         return []  # one process at a time (the run lock): `lpengine status` lists no workers
 

@@ -119,3 +119,25 @@ async def test_writes_made_together_are_all_there_afterwards(opener: Opener) -> 
         assert await store.claimed_since("item-1", 0.0) == "task-1"
         row = await store.get("item-1")
         assert row is not None and row.task_id == "task-1"
+
+
+async def test_a_redo_replaces_its_items_together_and_the_epoch_is_the_latest_recorded(opener: Opener) -> None:
+    async with opener() as store:
+        assert await store.redo_epoch() == 0
+        for name in ("a", "b", "c"):
+            await store.put(
+                f"id-{name}", name, None, {"stage": "download", "state": "succeeded", "task_id": f"t-{name}"}
+            )
+        await store.start_redo(
+            [
+                (f"id-{name}", {"stage": "upload", "state": None, "task_id": None, "redo": {"epoch": 2, "count": 1}})
+                for name in ("a", "b")
+            ]
+        )
+        assert await store.redo_epoch() == 2
+    async with opener() as store:
+        rows = {row.output_name: row async for row in store.items()}
+        assert await store.redo_epoch() == 2
+    assert (rows["a"].state, rows["a"].stage, rows["a"].task_id) == (None, "upload", None)
+    assert rows["b"].data["redo"] == {"epoch": 2, "count": 1}
+    assert (rows["c"].state, rows["c"].task_id, rows["c"].data.get("redo")) == ("succeeded", "t-c", None)
