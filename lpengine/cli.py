@@ -22,7 +22,7 @@ import typer
 
 from lpengine import logs
 from lpengine.config import BatchConfig, Secrets, load_config, load_secrets
-from lpengine.engine import DryRunReport, Engine
+from lpengine.engine import REDO_BAD, DryRunReport, Engine
 from lpengine.errors import AuthError, BatchLockedError, ConfigError, LPEngineError, QuotaError, StorageError
 from lpengine.models import ItemSpec, ItemState, RunReport
 from lpengine.plan import PlanProblem, empty_hint, iter_plan
@@ -197,13 +197,24 @@ def run(
             "with a sweep.html contact sheet (docs/presets.md). Repeatable.",
         ),
     ] = None,
+    redo: Annotated[
+        str | None,
+        typer.Option(
+            "--redo",
+            help="bad: make again the videos result analysis judged bad, paying again; shows the cost and asks "
+            "first (docs/analysis.md).",
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="With --redo: pay without asking (cron).")] = False,
 ) -> None:
     """Run a batch: upload → detect → submit → poll → download, then write the reports.
 
     Examples: lpengine run configs/batch.yaml --dry-run · lpengine run configs/batch.yaml --limit 10 ·
-    lpengine run configs/batch.yaml --limit 3 --sweep video.template_id=calm,active
+    lpengine run configs/batch.yaml --limit 3 --sweep video.template_id=calm,active ·
+    lpengine run configs/batch.yaml --redo bad
     """
     cfg = _load(config, output, presets)
+    verdicts = _redo_verdicts(redo, yes=yes, limit=limit, sweep=bool(sweep), dry_run=dry_run)
     log_format, log_level = _setup_logging(log_format, "debug" if debug else log_level, cfg)
     plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan
     swept = None
@@ -219,7 +230,7 @@ def run(
         if dry_run:
             raise typer.Exit(EXIT_OK)
     if dry_run:
-        raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit)))
+        raise typer.Exit(_run_async(lambda: _dry_run(cfg, limit, redo=verdicts)))
     code = _run_async(
         lambda: _run(
             cfg,
@@ -229,6 +240,8 @@ def run(
             progress_interval=progress_interval,
             cancel_pending=cancel_pending,
             plan=plan,
+            redo=verdicts,
+            ask=not yes,
         )
     )
     if swept is not None:
@@ -241,6 +254,65 @@ def run(
     raise typer.Exit(code)
 
 
+def _redo_verdicts(redo: str | None, *, yes: bool, limit: int | None, sweep: bool, dry_run: bool) -> frozenset[str]:
+    """The verdicts `--redo` makes again, after refusing what it cannot be combined with: paying again is only
+    ever an explicit choice, so without a terminal to ask on it must be said with --yes."""
+    if redo is None:
+        if yes:
+            raise _fail(["--yes confirms --redo, and nothing else asks: leave it out, or add --redo bad"], EXIT_CONFIG)
+        return frozenset()
+    if redo != "bad":
+        raise _fail(
+            [f"--redo: {redo!r} is not allowed; use --redo bad (videos judged warn or ok are kept)"], EXIT_CONFIG
+        )
+    if limit is not None or sweep:
+        raise _fail(["--redo bad goes over the whole batch: leave out --limit and --sweep"], EXIT_CONFIG)
+    if not (dry_run or yes or sys.stdin.isatty()):
+        raise _fail(
+            [
+                "--redo bad pays again for every video judged bad and asks first; with no terminal to ask on, add "
+                "--yes to confirm (nothing was sent)"
+            ],
+            EXIT_CONFIG,
+        )
+    return REDO_BAD
+
+
+def _redo_lines(report: DryRunReport, cfg: BatchConfig) -> list[str]:
+    """What a --redo will pay, before it pays: the items, seconds of video and CNY (the dry run's own figures)."""
+    if report.redo_resuming:
+        return [
+            f"redo: {report.redo_resuming} item(s) of the last redo are not finished (a run stopped); this run "
+            "finishes them, paying only for what is left, and selects nothing new until they are done"
+        ]
+    if not report.redo:
+        return ["redo bad: no video is judged bad; nothing to make again"]
+    names = ", ".join(report.redo_names[:5]) + (", …" if len(report.redo) > 5 else "")
+    lines = [
+        f"redo bad: {len(report.redo)} item(s) ({names}): {report.redo_seconds:.1f} s of video × "
+        f"{cfg.pricing.video_per_second} CNY/s = about {report.redo_cost_cny:.3f} CNY, paid again; each earlier "
+        "video is kept as NAME.prevN.mp4"
+    ]
+    if (others := report.would_submit - len(report.redo)) > 0:
+        lines.append(
+            f"this run also makes {others} item(s) not made yet: about {report.estimated_cost_cny:.3f} CNY in all"
+        )
+    return lines
+
+
+async def _confirm_redo(engine: Engine, redo: frozenset[str], cfg: BatchConfig, *, ask: bool) -> tuple[str, ...] | None:
+    """The items to redo, once their cost is printed and agreed to; None if the answer was no."""
+    report = await engine.dry_run(redo=redo)
+    for line in _redo_lines(report, cfg):
+        typer.echo(line)
+    if report.redo and ask:
+        question = f"pay about {report.estimated_cost_cny:.3f} CNY for this run?"
+        if not await anyio.to_thread.run_sync(lambda: typer.confirm(question, default=False)):
+            typer.echo("nothing was sent, nothing paid")
+            return None
+    return report.redo
+
+
 async def _run(
     cfg: BatchConfig,
     limit: int | None,
@@ -251,18 +323,28 @@ async def _run(
     cancel_pending: bool = False,
     plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
     expected_refusals: frozenset[str] = frozenset(),
+    redo: frozenset[str] = frozenset(),
+    ask: bool = True,
 ) -> int:
-    """`expected_refusals`: file names whose detect refusal is the point (the demo's coffee cup), not a failure."""
+    """`expected_refusals`: file names whose detect refusal is the point (the demo's coffee cup), not a failure.
+    `redo`: verdicts to make again (`--redo`), asking first unless `ask` is False."""
     state = ProgressState()
     try:
         async with Engine(cfg, on_event=state.on_event) as engine:
+            redo_ids: tuple[str, ...] = ()
+            if redo:
+                # inside the run's lock: what was priced is what is redone
+                confirmed = await _confirm_redo(engine, redo, cfg, ask=ask)
+                if confirmed is None:
+                    return EXIT_OK
+                redo_ids = confirmed
             if sys.stderr.isatty():
                 with TtyProgress(state) as bars:
                     # logs must go through the live display, or they would tear the bars apart
                     logs.configure(fmt=log_format, level=log_level, stream=bars.log_stream)
                     report, interrupted = await _with_signals(
                         engine,
-                        lambda: engine.run(limit=limit, on_planned=bars.set_total, plan=plan),
+                        lambda: engine.run(limit=limit, on_planned=bars.set_total, plan=plan, redo=redo_ids),
                         cancel_pending=cancel_pending,
                     )
             else:
@@ -270,7 +352,7 @@ async def _run(
                 interval = progress_interval
                 report, interrupted = await _with_signals(
                     engine,
-                    lambda: engine.run(limit=limit, on_planned=state.set_total, plan=plan),
+                    lambda: engine.run(limit=limit, on_planned=state.set_total, plan=plan, redo=redo_ids),
                     cancel_pending=cancel_pending,
                     background=(lambda: JsonProgress(state, sys.stderr).run(interval)) if interval else None,
                 )
@@ -309,15 +391,12 @@ async def _dry_run(
     *,
     plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
     quiet: bool = False,
+    redo: frozenset[str] = frozenset(),
 ) -> int:
     """Local checks and the cost of what would be sent; `quiet` prints only the one-line estimate (a sweep's)."""
     try:
-        async with Engine(
-            cfg.model_copy(update={"api": cfg.api.model_copy(update={"emulator": None})}),
-            api_key="dry-run-sends-nothing",
-            lock=False,
-        ) as engine:
-            report: DryRunReport = await engine.dry_run(limit=limit, plan=plan)
+        async with Engine.estimating(cfg) as engine:
+            report: DryRunReport = await engine.dry_run(limit=limit, plan=plan, redo=redo)
     except ConfigError as exc:
         raise _fail(exc.problems, EXIT_CONFIG) from None
     except LPEngineError as exc:
@@ -341,6 +420,9 @@ async def _dry_run(
     )
     typer.echo(f"    of which face checks  {report.would_detect}  (× {cfg.pricing.detect_per_image} CNY)")
     typer.echo(f"  estimated cost          {report.estimated_cost_cny:.3f} CNY  (what this run would pay)")
+    if redo:
+        for line in _redo_lines(report, cfg):
+            typer.echo(line)
     for r in rejected[:50]:
         typer.echo(f"  ✗ {r.reason}")
     return EXIT_OK if not rejected else EXIT_FAILED

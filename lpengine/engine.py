@@ -11,11 +11,12 @@ write already started still reaches the state store (shielded), so the next run 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,6 +47,7 @@ from lpengine.plan import Namer, PlanProblem, input_problems, iter_plan
 from lpengine.reports import result_from_state, write_reports
 from lpengine.reports.spool import ResultSpool, spool_dir
 from lpengine.stages.context import ProgressEvent, StageContext
+from lpengine.stages.redo import reset_for_redo
 from lpengine.stages.upload import load_audio, prepare
 from lpengine.stages.upright import upright_folder
 from lpengine.state import BatchLock, open_store, state_secrets, state_url
@@ -53,9 +55,11 @@ from lpengine.state.base import Coordinator
 from lpengine.storage import open_storage
 from lpengine.storage.base import Storage
 
-__all__ = ["DryRunReport", "Engine"]
+__all__ = ["REDO_BAD", "DryRunReport", "Engine"]
 
 _MAX_AUDIO_S = 180.0
+REDO_BAD = frozenset({"bad"})
+"""The verdicts `--redo bad` and the console's Redo bad make again (`dry_run(redo=...)`)."""
 _AWAIT_OTHERS_S = 2.0  # how often a worker done with its own items looks at those others hold (two statements)
 
 
@@ -92,6 +96,23 @@ class DryRunReport:
     """Refused by a local check or the plan: never sent."""
     in_progress: int = 0
     """Tasks an earlier run submitted: this run collects them, paying nothing new."""
+    redo: tuple[str, ...] = ()
+    """With `dry_run(redo=...)`: the ids of the finished items whose verdict asks for a redo (pass them to
+    `run(redo=...)`), counted in `would_submit`. Empty while an earlier redo request is unfinished."""
+    redo_names: tuple[str, ...] = ()
+    """Their output names, in the same order."""
+    redo_seconds: float = 0.0
+    """Of `video_seconds`, what the redo makes again."""
+    redo_cost_cny: float = 0.0
+    """Of `estimated_cost_cny`, what the redo pays: its videos only (its photos' face verdicts are on record)."""
+    redo_resuming: int = 0
+    """Items of the latest redo request not finished yet (a run stopped mid-redo): this run finishes them, and
+    selects nothing new until they are."""
+
+    @property
+    def redo_digest(self) -> str:
+        """Names the selection: a confirmation given for one selection is refused for another."""
+        return hashlib.sha256("\n".join(sorted(self.redo)).encode()).hexdigest()[:16]
 
 
 class Engine:
@@ -128,6 +149,13 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"Engine(output={self.config.output_dir})"
+
+    @classmethod
+    def estimating(cls, config: BatchConfig) -> Engine:
+        """An engine for `dry_run` only, beside a run that may hold the batch: no lock, no emulator, and a key that
+        no service accepts, so nothing it could do would be paid for."""
+        api = config.api.model_copy(update={"emulator": None})
+        return cls(config.model_copy(update={"api": api}), api_key="dry-run-sends-nothing", lock=False)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -352,15 +380,19 @@ class Engine:
         limit: int | None = None,
         on_planned: Callable[[int], None] | None = None,
         plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
+        redo: Collection[str] = (),
     ) -> RunReport:
         """Run the configured batch; returns the report (also written as report.json/.csv in the output folder).
 
-        `plan` enumerates the items (a sweep multiplies the batch's photos by its combinations).
+        `plan` enumerates the items (a sweep multiplies the batch's photos by its combinations). `redo`: finished
+        items to make again, paying again (`DryRunReport.redo`, once whoever pays has seen its cost and agreed).
 
         Raises `AuthError`/`QuotaError` when the account itself refuses work (after writing the report).
         """
         ctx = self.ctx
         started = time.perf_counter()
+        if redo:
+            await self._start_redo(redo)
         batch = _Batch(await anyio.to_thread.run_sync(ResultSpool.create, spool_dir(self.config.state_path)))
         pricing = self.config.pricing
 
@@ -474,16 +506,26 @@ class Engine:
         return slot[0].result(pricing.detect_per_image, pricing.video_per_second)
 
     async def dry_run(
-        self, *, limit: int | None = None, plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan
+        self,
+        *,
+        limit: int | None = None,
+        plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]] = iter_plan,
+        redo: Collection[str] = (),
     ) -> DryRunReport:
-        """Plan and check locally; no paid request. Items already finished in the state store are counted apart."""
+        """Plan and check locally; no paid request. Items already finished in the state store are counted apart.
+
+        `redo`: verdicts ("bad") whose finished videos would be made again (`lpengine run --redo bad`); they are
+        selected from the items this plan reaches, so a record no input leads to any more is never paid for.
+        """
         ctx = self.ctx
         pricing = self.config.pricing
         results: list[ItemResult] = []
-        would_detect = would_submit = done = failed = rejected = in_progress = 0
+        would_detect = would_submit = done = failed = rejected = in_progress = resuming = 0
         seconds = 0.0
         seen_images: set[str] = set()
         count = 0
+        epoch = await ctx.store.redo_epoch() if redo else 0
+        selected: list[Item] = []
         async for entry in self._plan(plan):
             if limit is not None and count >= limit:
                 break
@@ -494,7 +536,11 @@ class Engine:
                 continue
             item = Item(spec=entry)
             await prepare(ctx, item)
-            if item.state is ItemState.SUCCEEDED:
+            if item.state is None and epoch and item.redo is not None and item.redo["epoch"] == epoch:
+                resuming += 1  # counted below as any unfinished item: it pays for what is left of it
+            if item.state is ItemState.SUCCEEDED and (item.analysis or {}).get("verdict") in redo:
+                selected.append(item)
+            elif item.state is ItemState.SUCCEEDED:
                 done += 1
             elif item.state is ItemState.REJECTED_LOCALLY:
                 rejected += 1
@@ -510,10 +556,45 @@ class Engine:
                 would_submit += 1
                 seconds += item.audio_duration
             results.append(item.result(0, 0))
+        if resuming:  # an unfinished request is finished first: nothing is redone twice for one request
+            done, selected = done + len(selected), []
+        redo_seconds = sum(item.audio_duration for item in selected)  # no face check: a video was made
+        would_submit += len(selected)
+        seconds += redo_seconds
         cost = would_detect * pricing.detect_per_image + seconds * pricing.video_per_second
         return DryRunReport(
-            tuple(results), would_detect, would_submit, seconds, round(cost, 4), done, failed, rejected, in_progress
+            tuple(results),
+            would_detect,
+            would_submit,
+            seconds,
+            round(cost, 4),
+            done,
+            failed,
+            rejected,
+            in_progress,
+            redo=tuple(item.item_id for item in selected),
+            redo_names=tuple(item.spec.output_name for item in selected),
+            redo_seconds=redo_seconds,
+            redo_cost_cny=round(redo_seconds * pricing.video_per_second, 4),
+            redo_resuming=resuming,
         )
+
+    async def _start_redo(self, item_ids: Collection[str]) -> None:
+        """Commit a redo request: its items' records reset together under a new epoch (`lpengine.stages.redo`)."""
+        store = self.ctx.store
+        epoch, wall = await store.redo_epoch() + 1, time.time()
+        rows = [row for item_id in item_ids if (row := await store.get(item_id)) is not None]
+        # only a finished video is replaced: an item made again meanwhile is not paid for twice
+        rows = [r for r in rows if r.state == ItemState.SUCCEEDED.value and not r.data.get("transient")]
+        if not rows:
+            return
+        reset = [(row, reset_for_redo(row.data, epoch, wall)) for row in rows]
+        await store.start_redo([(row.item_id, data) for row, data in reset])
+        log = self.ctx.log
+        log.emit("info", "redo.started", epoch=epoch, items=len(reset))
+        for row, data in reset:
+            earlier = data["redo"]["history"][-1]
+            log.emit("info", "item.redo", item=row.output_name, count=data["redo"]["count"], **earlier)
 
     async def _plan(
         self, plan: Callable[[BatchConfig], Iterator[ItemSpec | PlanProblem]]

@@ -134,6 +134,8 @@ class Item:
     """This run paid the face check (`detect_paid` also holds a check paid by an earlier run)."""
     billed_before: bool = False
     """An earlier run already saw the video succeed (and so counted its cost)."""
+    redo: dict[str, Any] | None = None
+    """`{"epoch", "count", "history"}` once the item was redone (`lpengine.stages.redo`); None: never."""
 
     @property
     def sent_image(self) -> LocalFile | None:
@@ -149,9 +151,11 @@ class Item:
         return self
 
     def cost(self, detect_price: float, video_price: float) -> float:
-        """What the item has cost, over every run of the batch."""
-        video = (self.video_duration or 0.0) * video_price if self.state is ItemState.SUCCEEDED else 0.0
-        return (detect_price if self.detect_paid else 0.0) + video
+        """What the item has cost, over every run of the batch (the videos a redo replaced included)."""
+        seconds = earlier_seconds(self.redo)
+        if self.state is ItemState.SUCCEEDED:
+            seconds += self.video_duration or 0.0
+        return (detect_price if self.detect_paid else 0.0) + seconds * video_price
 
     def cost_this_run(self, detect_price: float, video_price: float) -> float:
         """What this run added: a re-run that sends nothing costs nothing, however much the batch cost before."""
@@ -178,6 +182,7 @@ class Item:
             audio=str(self.audio.path) if self.audio else self.spec.audio,
             cost_this_run_cny=round(self.cost_this_run(detect_price, video_price), 6),
             **verdict_fields(self.analysis),
+            **redo_fields(self.redo),
         )
 
 
@@ -192,6 +197,20 @@ def verdict_fields(analysis: Mapping[str, Any] | None) -> dict[str, Any]:
         "score": int(score) if isinstance(score, int | float) else None,
         "metrics": dict(analysis.get("metrics") or {}),
     }
+
+
+def earlier_seconds(redo: Mapping[str, Any] | None) -> float:
+    """Seconds of video paid for before the item's current one: each redo paid for a whole new video."""
+    if not redo:
+        return 0.0
+    return float(sum(entry.get("video_duration") or 0.0 for entry in redo.get("history") or []))
+
+
+def redo_fields(redo: Mapping[str, Any] | None) -> dict[str, Any]:
+    """An item's redos as `ItemResult` fields (none when it was never redone)."""
+    if not redo:
+        return {}
+    return {"redo_count": int(redo.get("count") or 0), "redo_history": [dict(h) for h in redo.get("history") or []]}
 
 
 def item_identity(output_name: str, image_sha: str, audio_sha: str, params: VideoParams | Mapping[str, Any]) -> str:
@@ -233,6 +252,20 @@ class ItemResult:
     metrics: dict[str, Any] | None = None
     cost_this_run_cny: float = 0.0
     """What this run paid for it (0 for work finished by an earlier run)."""
+    redo_count: int = 0
+    """How many times `--redo` made the video again (each time paid again, by choice)."""
+    redo_history: list[dict[str, Any]] | None = None
+    """One entry per replaced video, oldest first: `at` (epoch seconds), `verdict`, `flags`, `score`, `task_id`,
+    `video_duration`, `output` (where it was) and `kept_as` (where it is now)."""
+
+    @property
+    def earlier_verdict(self) -> str:
+        """The verdict of the video the last redo replaced, with its flags ("bad: frozen"); "" if never redone."""
+        if not self.redo_history:
+            return ""
+        last = self.redo_history[-1]
+        flags = ", ".join(last.get("flags") or [])
+        return f"{last.get('verdict')}: {flags}" if flags else str(last.get("verdict"))
 
     @property
     def needs_review(self) -> bool:
@@ -263,6 +296,8 @@ class ItemResult:
             "score": self.score,
             "metrics": self.metrics,
             "cost_this_run_cny": self.cost_this_run_cny,
+            "redo_count": self.redo_count,
+            "redo_history": [dict(h) for h in self.redo_history] if self.redo_history is not None else None,
         }
 
     @classmethod

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-from lpengine.models import ItemResult, ItemState, RunReport, verdict_fields
+from lpengine.models import ItemResult, ItemState, RunReport, earlier_seconds, redo_fields, verdict_fields
 from lpengine.reports.html_report import write_html_report
 
 __all__ = ["CSV_COLUMNS", "result_from_state", "write_reports"]
@@ -32,6 +32,8 @@ CSV_COLUMNS = [
     "verdict",
     "flags",
     "score",
+    "redo_count",
+    "earlier_verdict",
     "t_check",
     "t_upload",
     "t_detect",
@@ -47,6 +49,7 @@ def _row(result: ItemResult) -> dict[str, object]:
     row = {k: v for k, v in data.items() if k in CSV_COLUMNS}
     row["params"] = json.dumps(data["params"], sort_keys=True) if data["params"] is not None else None
     row["flags"] = " ".join(result.flags or [])
+    row["earlier_verdict"] = result.earlier_verdict
     for stage in ("check", "upload", "detect", "submit", "poll", "download"):
         row[f"t_{stage}"] = timings.get(stage)
     return row
@@ -107,9 +110,9 @@ def result_from_state(data: dict[str, object], detect_price: float, video_price:
         reason = f"in progress (last stage: {data.get('stage', 'plan')}); a re-run resumes it"
     duration = data.get("video_duration")
     video_s = float(duration) if isinstance(duration, int | float) else None
-    cost = (detect_price if data.get("detect_paid") else 0.0) + (
-        (video_s or 0.0) * video_price if state is ItemState.SUCCEEDED else 0.0
-    )
+    redo = recorded if isinstance(recorded := data.get("redo"), dict) else None
+    seconds = earlier_seconds(redo) + ((video_s or 0.0) if state is ItemState.SUCCEEDED else 0.0)
+    cost = (detect_price if data.get("detect_paid") else 0.0) + seconds * video_price
     timings = data.get("timings")
     attempts = data.get("submit_attempts")
     return ItemResult(
@@ -127,4 +130,5 @@ def result_from_state(data: dict[str, object], detect_price: float, video_price:
         preset=str(data["preset"]) if data.get("preset") else None,
         params=dict(params) if isinstance(params := data.get("params"), dict) else None,
         **verdict_fields(data.get("analysis") if isinstance(data.get("analysis"), dict) else None),  # type: ignore[arg-type]
+        **redo_fields(redo),
     )

@@ -255,26 +255,38 @@ def _video(index: int, result: ItemResult, base: str) -> str:
         return '<span class="muted">—</span>'
     if not os.path.isfile(result.output):
         return f'<span class="muted">not found: {escape(result.output)}</span>'
-    absolute = os.path.abspath(result.output)
-    if absolute.startswith(base + os.sep):  # the usual case, a video in the output folder: no relpath walk
-        href = quote(absolute[len(base) + 1 :].replace(os.sep, "/"))
-    else:
-        try:
-            href = quote(Path(os.path.relpath(absolute, base)).as_posix())
-        except ValueError:  # another drive on Windows: no relative path exists
-            href = Path(absolute).as_uri()
     preload = "metadata" if index < THUMBNAIL_ROWS else "none"
-    src = escape(href)
+    src = escape(_href(result.output, base))
     return (
         f'<video controls preload="{preload}" src="{src}"></video>'
         f'<div class="path"><a href="{src}">{escape(os.path.basename(result.output))}</a></div>'
     )
 
 
+def _href(path: str, base: str) -> str:
+    """A link to a file from the report, relative to the output folder where it can be."""
+    absolute = os.path.abspath(path)
+    if absolute.startswith(base + os.sep):  # the usual case, a video in the output folder: no relpath walk
+        return quote(absolute[len(base) + 1 :].replace(os.sep, "/"))
+    try:
+        return quote(Path(os.path.relpath(absolute, base)).as_posix())
+    except ValueError:  # another drive on Windows: no relative path exists
+        return Path(absolute).as_uri()
+
+
+def _redone(result: ItemResult, base: str) -> str:
+    """ "redone N×", the verdict of the video the last redo replaced, and a link to that video while it is kept."""
+    if not result.redo_history:
+        return ""
+    kept = str(result.redo_history[-1].get("kept_as") or "")
+    link = f' · <a href="{escape(_href(kept, base))}">earlier video</a>' if kept and os.path.isfile(kept) else ""
+    return f'<div class="path">redone {result.redo_count}× · was {escape(result.earlier_verdict)}{link}</div>'
+
+
 def _verdict(result: ItemResult, base: str) -> str:
     """The judgement of the video (docs/analysis.md) and a strip of three of its frames, when it was judged."""
     if result.verdict is None:
-        return '<span class="muted">—</span>'
+        return '<span class="muted">—</span>' + _redone(result, base)
     colour = _VERDICT_COLOURS.get(result.verdict, "#64748b")
     parts = [f'<span class="badge verdict" style="--c:{colour}">{escape(result.verdict)}</span>']
     if result.score is not None:
@@ -289,6 +301,7 @@ def _verdict(result: ItemResult, base: str) -> str:
         if os.path.isfile(strip):
             src = escape(quote(f".lpengine/frames/{Path(result.output).stem}.jpg"))
             parts.append(f'<img class="strip" src="{src}" alt="three frames of the video" loading="lazy">')
+    parts.append(_redone(result, base))
     return "".join(parts)
 
 

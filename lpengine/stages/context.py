@@ -194,6 +194,7 @@ _PERSISTED = (
     "audio_duration",
     "transient",
     "analysis",
+    "redo",
 )
 
 

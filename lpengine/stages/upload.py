@@ -21,6 +21,7 @@ from lpengine.errors import InputRejectedError, StorageError
 from lpengine.media import INLINE_IO_BYTES, inspect_audio, inspect_image
 from lpengine.models import Item, ItemState, Stage, item_identity
 from lpengine.stages.context import AudioTrack, StageContext, restore_item
+from lpengine.stages.redo import keep_previous_video
 from lpengine.state.base import FileStamp, StoredItem, StoredUpload, file_stamp
 from lpengine.storage.base import DETECT_MODEL, SYNTHESIS_MODEL, LocalFile, Published
 
@@ -188,6 +189,7 @@ def _restore(item: Item, stored: StoredItem, *, finished: bool) -> None:
         item.settled = stored.data.get("input") == item.spec.image  # else the new path is saved when it ends
     else:
         item.state, item.reason, item.transient = None, "", False  # to be done (again)
+        keep_previous_video(item)
 
 
 async def publish(ctx: StageContext, file: LocalFile, model: str) -> Published:
