@@ -305,12 +305,18 @@ async def _confirm_redo(engine: Engine, redo: frozenset[str], cfg: BatchConfig, 
     report = await engine.dry_run(redo=redo)
     for line in _redo_lines(report, cfg):
         typer.echo(line)
-    if report.redo and ask:
-        question = f"pay about {report.estimated_cost_cny:.3f} CNY for this run?"
-        if not await anyio.to_thread.run_sync(lambda: typer.confirm(question, default=False)):
-            typer.echo("nothing was sent, nothing paid")
-            return None
+    if report.redo and ask and not await _yes(f"pay about {report.estimated_cost_cny:.3f} CNY for this run?"):
+        typer.echo("nothing was sent, nothing paid")
+        return None
     return report.redo
+
+
+async def _yes(question: str) -> bool:
+    """A [y/N] answer from the terminal, read by the event loop: a thread blocked in input() would keep the process
+    from exiting on Ctrl-C until Enter was pressed."""
+    typer.echo(f"{question} [y/N]: ", nl=False)
+    await anyio.wait_readable(sys.stdin.fileno())
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 async def _run(

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -181,6 +182,29 @@ def lpengine(config: Path, *args: str, stdin: int = subprocess.DEVNULL) -> subpr
     )
 
 
+def interrupt_at_the_question(config: Path) -> int:
+    """Run `--redo bad` on a terminal, press Ctrl-C at its question, and return the exit code."""
+    leader, follower = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "lpengine", "run", str(config), "--redo", "bad"],
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "DASHSCOPE_API_KEY": KEY},
+    ) as proc:
+        assert proc.stdout is not None
+        seen = b""
+        while not seen.endswith(b"[y/N]: "):
+            chunk = proc.stdout.read(1)
+            assert chunk, seen
+            seen += chunk
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    os.close(follower)
+    os.close(leader)
+    return code
+
+
 async def test_the_command_line_prices_asks_refuses_without_a_terminal_and_redoes_with_yes(
     tmp_path: Path, emulator: RunningEmulator
 ) -> None:
@@ -213,6 +237,10 @@ async def test_the_command_line_prices_asks_refuses_without_a_terminal_and_redoe
     assert declined.returncode == 0, declined.stderr
     assert line in declined.stdout and "pay about 0.158 CNY for this run? [y/N]" in declined.stdout
     assert "nothing was sent, nothing paid" in declined.stdout
+    assert paid(emulator) == (3, 3)
+
+    interrupted = await anyio.to_thread.run_sync(lambda: interrupt_at_the_question(path))
+    assert interrupted == 130  # Ctrl-C at the question ends the process at once (no thread left reading)
     assert paid(emulator) == (3, 3)
 
     done = await anyio.to_thread.run_sync(lambda: lpengine(path, "--redo", "bad", "--yes"))
