@@ -373,6 +373,11 @@ class AnalysisConfig(_Model):
     recorded beside the model-free ones."""
 
 
+def is_url(ref: str) -> bool:
+    """Whether the service fetches this input itself (a URL the user has), rather than lpengine publishing a file."""
+    return ref.startswith(("http://", "https://", "oss://"))
+
+
 class BatchConfig(_Model):
     """One batch: inputs, the voice track, video parameters, and how to reach the API and storage."""
 
@@ -405,6 +410,11 @@ class BatchConfig(_Model):
         path = Path(p).expanduser()
         # normpath, not resolve(): tidy `..` for messages without following the user's symlinks
         return path if path.is_absolute() else Path(os.path.normpath(self.base_dir / path))
+
+    def resolve_ref(self, ref: str) -> str:
+        """An input reference as the pipeline keeps it: a URL untouched (a path's normpath would turn `https://h`
+        into `https:/h`), anything else a path resolved against the config's folder."""
+        return ref if is_url(ref) else str(self.resolve(ref))
 
     @property
     def output_dir(self) -> Path:

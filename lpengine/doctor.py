@@ -20,7 +20,7 @@ import anyio
 from pydantic import SecretStr
 
 from lpengine.client.api import DashScopeClient
-from lpengine.config import BatchConfig, load_secrets
+from lpengine.config import BatchConfig, is_url, load_secrets
 from lpengine.errors import ApiError, AuthError, LPEngineError, NetworkError, QuotaError
 from lpengine.media import inspect_audio
 from lpengine.plan import PlanProblem, input_problems, iter_plan
@@ -77,8 +77,8 @@ async def _audio(config: BatchConfig, results: list[Check]) -> float:
     if config.audio is None:
         results.append(Check("audio", True, "no default audio (every manifest row must name one)"))
         return 10.0
-    ref = str(config.resolve(config.audio))
-    if ref.startswith(("http://", "https://")):
+    ref = config.resolve_ref(config.audio)
+    if is_url(ref):
         results.append(Check("audio", True, f"{config.audio} (URL: checked by the service)"))
         return 10.0
     try:

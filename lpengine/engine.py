@@ -31,7 +31,7 @@ from pydantic import SecretStr
 
 from lpengine.client.api import DashScopeClient
 from lpengine.client.limits import account_of
-from lpengine.config import BatchConfig, Secrets, VideoParams, load_secrets
+from lpengine.config import BatchConfig, Secrets, VideoParams, is_url, load_secrets
 from lpengine.errors import (
     AuthError,
     ConfigError,
@@ -482,7 +482,7 @@ class Engine:
     ) -> ItemResult:
         """Run one item through the pipeline and wait for its result (for long-running services)."""
         ref = str(image)
-        if not ref.startswith(("http://", "https://", "oss://")):
+        if not is_url(ref):
             ref = str(Path.cwd() / ref)  # relative paths mean the caller's cwd, as everywhere in Python
         spec = ItemSpec(
             image=ref,

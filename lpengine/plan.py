@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from lpengine.config import BatchConfig, VideoOverrides, VideoParams
+from lpengine.config import BatchConfig, VideoOverrides, VideoParams, is_url
 from lpengine.models import ItemSpec
 from lpengine.presets import item_recipe
 
@@ -94,10 +94,6 @@ def _output_stem(value: str) -> str:
     return name[:-4] if name.lower().endswith(".mp4") else name
 
 
-def _is_url(value: str) -> bool:
-    return value.startswith(("http://", "https://", "oss://"))
-
-
 def _temp_db(owner: object) -> tuple[sqlite3.Connection, weakref.finalize[Any, Any]]:
     """A private temporary SQLite file, deleted on close (`sqlite3.connect("")`).
 
@@ -143,7 +139,7 @@ class RealPaths:
         self._folders: dict[str, str] = {}
 
     def __call__(self, ref: str) -> str:
-        if _is_url(ref):
+        if is_url(ref):
             return ref
         folder, name = os.path.split(os.path.abspath(ref))
         real_folder = self._folders.get(folder)
@@ -621,11 +617,11 @@ def _manifest_rows(config: BatchConfig, path: Path, real: RealPaths) -> Iterator
         except KeyError as exc:
             yield PlanProblem(source, image, f"preset: {exc.args[0]}; fix the value in the manifest")
             continue
-        image_ref = image if _is_url(image) else str(config.resolve(Path(path.parent, image)))
+        image_ref = image if is_url(image) else str(config.resolve(Path(path.parent, image)))
         audio = row.get("audio")
         audio_ref = None
         if audio:
-            audio_ref = str(audio) if _is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
+            audio_ref = str(audio) if is_url(str(audio)) else str(config.resolve(Path(path.parent, str(audio))))
         real_image = real(image_ref)
         same = json.dumps([real_image, real(audio_ref) if audio_ref else "", written, preset], sort_keys=True)
         output = str(row.get("output") or "")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import stamina
+from aiohttp import web
 
 pytest_plugins = ["tests.s3server", "tests.pg"]
 
@@ -39,6 +40,20 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/gone.png"
+
+
+@pytest.fixture
+async def static_files(tmp_path: Path) -> AsyncIterator[tuple[Path, str]]:
+    """A loopback file server the emulator fetches input URLs from, like DashScope fetches public URLs."""
+    root = tmp_path / "served"
+    root.mkdir()
+    app = web.Application()
+    app.router.add_static("/", root)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield root, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ class StageContext:
     def __post_init__(self) -> None:
         self.output_dir = self.config.output_dir
         self.upright = UprightCopies(upright_folder(self.config) / secrets.token_hex(4))
-        self.default_audio = str(self.config.resolve(self.config.audio)) if self.config.audio else None
+        self.default_audio = self.config.resolve_ref(self.config.audio) if self.config.audio else None
         if self.client is not None:
             self.client.on_retry = self._client_retried
 

@@ -16,7 +16,7 @@ from typing import Protocol, TypeVar
 
 import anyio
 
-from lpengine.config import VideoParams
+from lpengine.config import VideoParams, is_url
 from lpengine.errors import InputRejectedError, StorageError
 from lpengine.media import INLINE_IO_BYTES, inspect_audio, inspect_image
 from lpengine.models import Item, ItemState, Stage, item_identity
@@ -49,10 +49,6 @@ class _FileInfo(Protocol):
 
 def _local(info: _FileInfo) -> LocalFile:
     return LocalFile(Path(info.path), info.sha256, info.size, info.content_type, info.suffix, info.data)
-
-
-def is_url(ref: str) -> bool:
-    return ref.startswith(("http://", "https://", "oss://"))
 
 
 async def load_audio(ctx: StageContext, ref: str) -> AudioTrack:

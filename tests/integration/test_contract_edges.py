@@ -14,7 +14,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from pydantic import SecretStr
 from structlog.testing import capture_logs
 
@@ -258,20 +257,6 @@ def _wav(path: Path, seconds: float, rate: int = 8000) -> Path:
         w.setframerate(rate)
         w.writeframes(b"\x80" * round(seconds * rate))
     return path
-
-
-@pytest.fixture
-async def static_files(tmp_path: Path) -> AsyncIterator[tuple[Path, str]]:
-    """A loopback file server the emulator fetches input URLs from, like DashScope fetches public URLs."""
-    root = tmp_path / "served"
-    root.mkdir()
-    app = web.Application()
-    app.router.add_static("/", root)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield root, f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
 
 
 async def test_audio_of_exactly_180_s_is_refused_locally_and_by_the_emulator(
