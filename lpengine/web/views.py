@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 import zipfile
@@ -233,15 +234,17 @@ async def api_events(request: web.Request) -> web.StreamResponse:
     async with sse_response(request) as sse:
         last: Any = None
         log_seen: list[str] = []
-        while sse.is_connected():
-            summary = await manager.summary(bid, items=False)
-            if summary["version"] != last:
-                last = summary["version"]
-                log = manager.log_tail(bid, lines=12)
-                payload = {"summary": summary, "log": log if log != log_seen else None}
-                log_seen = log
-                await sse.send(orjson.dumps(payload).decode(), event="summary")
-            await manager.wait_changed(SSE_INTERVAL_S)
+        # A closed tab is how every stream ends: the write that finds the socket gone is not an error to log.
+        with contextlib.suppress(ConnectionResetError):
+            while sse.is_connected():
+                summary = await manager.summary(bid, items=False)
+                if summary["version"] != last:
+                    last = summary["version"]
+                    log = manager.log_tail(bid, lines=12)
+                    payload = {"summary": summary, "log": log if log != log_seen else None}
+                    log_seen = log
+                    await sse.send(orjson.dumps(payload).decode(), event="summary")
+                await manager.wait_changed(SSE_INTERVAL_S)
     return sse
 
 

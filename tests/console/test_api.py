@@ -14,7 +14,7 @@ import aiohttp
 import anyio
 import pytest
 
-from lpengine.emulator import FaultSettings
+from lpengine.emulator import EmulatorSettings, FaultSettings, ManualClock, run_emulator
 from lpengine.errors import ConfigError
 from lpengine.web import Console, ConsoleSettings, open_console
 from tests.console.conftest import PORTRAITS, TOKEN, VOICE, settings
@@ -292,6 +292,55 @@ async def test_console_batch_is_an_ordinary_batch_for_the_cli(console: Console, 
     assert summary["api_requests"].get("detect", 0) == summary["api_requests"].get("submit", 0) == 0
     async with http.get(f"/api/batches/{bid}") as rsp:
         assert (await rsp.json())["counts"]["succeeded"] == 2
+
+
+async def test_a_batch_paused_in_the_console_is_finished_by_the_cli(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One account, one state store, two ways in: a (non-demo) console submits both tasks and is paused while the
+    service still runs them; the CLI resumes the batch, collects the two tasks without submitting again, and the
+    console then shows the batch done from the CLI's work. (A demo console has no service to share: the CLI
+    would start an emulator of its own.)"""
+    key = "sk-test-console-cli-0123456789"
+    monkeypatch.setenv("DASHSCOPE_API_KEY", key)
+    quick = {"detect_qps": 1000.0, "submit_qps": 1000.0, "query_qps": 1000.0}
+    service = EmulatorSettings(api_keys=[key], video="stub", detector="rule", **quick)  # type: ignore[arg-type]
+    async with run_emulator(service, clock=ManualClock()) as emulator:  # its tasks run only when the test says
+        base = tmp_path / "base.yaml"
+        base.write_text(
+            f"inputs: {{images: photos}}\naudio: voice.wav\napi: {{base_url: '{emulator.base_url}', speedup: 200}}\n"
+            "storage: {backend: dashscope_temp}\n"
+        )
+        async with (
+            open_console(settings(tmp_path, demo=False, config=base)) as console,
+            aiohttp.ClientSession(_root(console), headers=AUTH) as http,
+        ):
+            bid = await _create(http, n=2)
+            async with http.get(f"/api/batches/{bid}/events") as rsp:  # until both tasks are at the service
+                stages: dict[str, Any] = {}
+                while (stages.get("submit") or {}).get("done") != 2:
+                    line = await rsp.content.readline()
+                    if line.startswith(b"data:"):
+                        stages = json.loads(line[5:])["summary"]["counts"]["stages"] or {}
+            async with http.post(f"/api/batches/{bid}/pause") as rsp:
+                assert rsp.status == 200
+            await _until(console, bid, {"paused"})
+            assert emulator.stats().requests["submit"] == 2
+            emulator.advance(3600)  # both tasks finish while nobody watches
+            config = console.manager.workspace / bid / "batch.yaml"
+            result = await anyio.run_process(
+                [sys.executable, "-m", "lpengine", "run", str(config), "--log-format", "json"], check=False
+            )
+            async with http.get(f"/api/batches/{bid}") as rsp:
+                shown = await rsp.json()
+        stats = emulator.stats()
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout.decode().splitlines()[-1])["counts"] == {"succeeded": 2}
+    assert stats.requests["submit"] == 2 and set(stats.submissions_per_image.values()) == {1}
+    assert shown["counts"]["succeeded"] == 2
+    assert all(item["status"] == "succeeded" and item["video_url"] for item in shown["items"])
+    # the event stream closed early (a closed tab): the next write finds the socket gone, which is no server error
+    assert not [record for record in caplog.records if record.name == "aiohttp.server"]
 
 
 async def test_pause_then_resume_finishes_without_paying_twice(console: Console, http: aiohttp.ClientSession) -> None:
