@@ -112,12 +112,12 @@ def _clean_name(raw: str | None) -> str | None:
 async def _store(part: BodyPartReader, dest: Path, cap: int) -> int | None:
     """Stream a part to `dest`; None (and nothing kept) once it passes `cap` bytes, the rest read and dropped."""
     size = 0
-    with dest.open("wb") as fh:
+    async with await anyio.open_file(dest, "wb") as fh:  # a slow disk stalls a worker thread, not every request
         while chunk := await part.read_chunk(_CHUNK):
             size += len(chunk)
             if size > cap:
                 break
-            fh.write(chunk)
+            await fh.write(chunk)
     if size <= cap:
         return size
     await anyio.Path(dest).unlink(missing_ok=True)
