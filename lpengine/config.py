@@ -281,7 +281,7 @@ class OutputConfig(_Model):
     overwrite: bool = False
     """Replace an existing MP4 that this batch did not produce (verified outputs of this batch are always kept)."""
     recipe_tags: bool = True
-    """Write each video's preset and parameters into its MP4 `comment` tag (a remux, no re-encoding;
+    """Write each video's preset and parameters into its MP4 `comment` tag (no re-encoding, no media byte changed;
     `lpengine presets save NAME --from-video FILE` reads it back)."""
 
 

@@ -764,13 +764,14 @@ def verify_mp4(path: Path, *, expected_size: int | None = None) -> None:
         raise MediaError(path, _describe_oserror(exc)) from None
 
 
-def check_mp4_boxes(fh: BinaryIO, size: int, path: Path) -> None:
+def check_mp4_boxes(fh: BinaryIO, size: int, path: Path) -> list[tuple[bytes, int, int]]:
     """The box walk of `verify_mp4` over an open file of `size` bytes (the download checks the `.part` file it has
-    just written through the same handle: no second open and stat per video)."""
+    just written through the same handle: no second open and stat per video). Returns the top-level boxes as
+    (type, offset, size), which the recipe tag uses to find `moov` without walking the file again."""
     redo = "download it again"
     if size == 0:
         raise MediaError(path, f"is empty (0 bytes), the download produced nothing — {redo}")
-    seen: set[bytes] = set()
+    boxes: list[tuple[bytes, int, int]] = []
     fh.seek(0)
     offset = 0
     while offset < size:
@@ -809,10 +810,12 @@ def check_mp4_boxes(fh: BinaryIO, size: int, path: Path) -> None:
                 f"is {what}: box '{shown}' at offset {offset:,} needs {box_size:,} bytes"
                 f" but the file ends {offset + box_size - size:,} bytes early — {redo}",
             )
-        seen.add(box_type)
+        boxes.append((box_type, offset, box_size))
         offset += box_size
         fh.seek(offset)
+    seen = {box_type for box_type, _, _ in boxes}
     missing = [name for name in (b"moov", b"mdat") if name not in seen]
     if missing:
         names = " and ".join(f"'{m.decode()}'" for m in missing)
         raise MediaError(path, f"is not a playable MP4: it has no {names} box — {redo}")
+    return boxes

@@ -23,7 +23,7 @@ from lpengine.client.retry import call_with_retries
 from lpengine.errors import LPEngineError, NetworkError
 from lpengine.media import MediaError, check_mp4_boxes, verify_mp4
 from lpengine.models import Item, ItemState, Stage
-from lpengine.recipe_tags import write_recipe
+from lpengine.recipe_tags import tag_in_place, write_recipe
 from lpengine.stages.context import StageContext
 
 _CHUNK = 256 * 1024
@@ -64,8 +64,9 @@ async def download(ctx: StageContext, item: Item) -> None:
     await ctx.save(item)  # write-ahead: this path is the item's from now on, so a re-run recognises the file
     retry = ctx.config.api.retry
     url = item.video_url
-    recipe = {"preset": item.spec.preset, "params": item.spec.params.model_dump()}
-    tag = recipe if ctx.config.output.recipe_tags else None
+    tag = (
+        {"preset": item.spec.preset, "params": item.spec.params.model_dump()} if ctx.config.output.recipe_tags else None
+    )
     try:
         size = await call_with_retries(
             lambda: _fetch(ctx, url, target, tag),
@@ -114,6 +115,7 @@ async def _fetch(ctx: StageContext, url: str, target: Path, recipe: dict[str, An
                 raise NetworkError(f"result download answered HTTP {resp.status}")
             expected = resp.content_length
             written = 0
+            tagged = None
             with _create(part) as fh:
                 async for chunk in resp.content.iter_chunked(_CHUNK):
                     fh.write(chunk)
@@ -121,10 +123,13 @@ async def _fetch(ctx: StageContext, url: str, target: Path, recipe: dict[str, An
                 if expected is not None and written != expected:
                     raise _BadBody(f"got {written} of {expected} bytes")
                 try:
-                    check_mp4_boxes(fh, written, part)  # through the same handle: no second open per video
+                    boxes = check_mp4_boxes(fh, written, part)  # through the same handle: no second open per video
                 except MediaError as exc:
                     raise _BadBody(f"not a valid MP4 ({exc.reason})") from None
-        if recipe is not None:  # verified first: the tag is written into a whole video, never into a cut one
+                # verified first: the tag is written into a whole video, never into a cut one
+                if recipe is not None and (tagged := tag_in_place(fh, boxes, recipe)) is not None:
+                    written = tagged
+        if recipe is not None and tagged is None:  # a layout the in-place splice leaves to mutagen
             written = await anyio.to_thread.run_sync(write_recipe, part, recipe)
         os.replace(part, target)
         renamed = True
