@@ -10,8 +10,9 @@ reset, crash), the marker stays, and `reconcile` looks for the task in the task 
 1. List this account's `liveportrait` tasks of the last 24 h (paged) and drop those claimed by this batch.
 2. Calibrate the service clock against ours from the tasks we do know (their `gmt_create` against the local time
    their id came back; the latest-biased estimate is kept), and map every lost send of the batch onto it.
-3. Match lost sends and unclaimed tasks one to one, closest pairs first, a task only after its send and within the
-   request timeout. Without any known task to calibrate, match by order when the counts are equal.
+3. Match lost sends and unclaimed tasks one to one, closest pairs first, a task only after its send (within a
+   clock slop, and then only when no send it follows claims it) and within the request timeout (`match_sends`).
+   Without any known task to calibrate, match by order when the counts are equal.
 4. A send left without a task never created one, so submitting again is safe. Anything that cannot be matched
    one-to-one ends the item `submit_failed` rather than risk paying twice.
 """
@@ -162,22 +163,36 @@ async def reconcile(ctx: StageContext, item_id: str, sent_wall: float) -> str | 
         sends = sorted(lost, key=lambda iid: lost[iid])
         return tasks[sends.index(item_id)].task_id
     late = ctx.speedup * (ctx.config.api.request_timeout_s + 5.0)
+    sent_at = {iid: base + ctx.speedup * wall for iid, wall in lost.items()}
+    made_at = {e.task_id: (e.gmt_create_ms or 0) / 1000 for e in unclaimed}
+    return match_sends(sent_at, made_at, early=early, late=late).get(item_id)
+
+
+def match_sends(sends: dict[str, float], created: dict[str, float], *, early: float, late: float) -> dict[str, str]:
+    """Lost sends (item id → send time) to unclaimed tasks (task id → creation time), one to one, both on the
+    service clock as calibrated; a task from `early` before its send to `late` after it.
+
+    The calibration is a lower bound of the service clock (see `_clock_offset`), so every send is mapped a little
+    early and a send's own task always lands at or after it; a task that lands before a send (allowed by the
+    `early` slop, for a local clock that stepped) is only a send's when no send it follows claims it. Closest
+    first among the rest. Ranking by distance alone let a later send, written ahead but killed before it left,
+    take the task of an earlier lost send that landed just before it when the calibration was late (a busy
+    client records its claims late): that task's own item then found nothing and paid again (and two lost sends
+    that both left could swap their tasks, and so their videos).
+    """
     pairs = sorted(
-        (abs(diff), iid, e.task_id)
-        for iid, wall in lost.items()
-        for e in unclaimed
-        if -early <= (diff := (e.gmt_create_ms or 0) / 1000 - (base + ctx.speedup * wall)) <= late
+        (diff < 0, abs(diff), iid, task_id)
+        for iid, sent in sends.items()
+        for task_id, made in created.items()
+        if -early <= (diff := made - sent) <= late
     )
-    taken_items: set[str] = set()
-    taken_tasks: set[str] = set()
-    for _, iid, task_id in pairs:
-        if iid in taken_items or task_id in taken_tasks:
-            continue
-        if iid == item_id:
-            return task_id
-        taken_items.add(iid)
-        taken_tasks.add(task_id)
-    return None
+    matched: dict[str, str] = {}
+    taken: set[str] = set()
+    for _, _, iid, task_id in pairs:
+        if iid not in matched and task_id not in taken:
+            matched[iid] = task_id
+            taken.add(task_id)
+    return matched
 
 
 def _clock_offset(ctx: StageContext, entries: list[TaskListEntry], known: dict[str, float]) -> float | None:
