@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -129,6 +130,13 @@ def test_random_kills_then_resume_pay_once_and_lose_nothing(tmp_path: Path, emul
     detects = stats["detect_per_image"]
     assert isinstance(submissions, dict) and isinstance(detects, dict)
     assert len(submissions) == 100 and set(submissions.values()) == {1}, "an image was submitted twice"
+    # and each item's task was made from its own photo: a lost submit adopting another item's task would pass the
+    # counts above when the two swap (each is paid once), while each item gets the other's video
+    runs = stats["runs"]
+    assert isinstance(runs, list)
+    made_from = {run["task_id"]: run["image_sha256"] for run in runs}
+    for row in report["items"]:
+        assert made_from[row["task_id"]] == hashlib.sha256(Path(row["input"]).read_bytes()).hexdigest(), row
     assert set(detects.values()) == {1}, "an image was detected twice"
     # A detect whose answer died with the process is not repeated (synthesis checks the face itself): at most one
     # per detect worker per kill goes unchecked, and none is paid twice.
