@@ -182,17 +182,21 @@ async def test_a_worker_killed_mid_batch_is_taken_over_and_nothing_is_paid_twice
         path = write_batch(tmp_path, emu.base_url, SPEEDUP, state=state)
         text = path.read_text().replace("api:\n", "api:\n  request_timeout_s: 5\n", 1)
         path.write_text(text)
-        cmd = [sys.executable, "-m", "lpengine", "run", str(path), "--log-format", "json", "--log-level", "info"]
+        cmd = [sys.executable, "-m", "lpengine", "run", str(path), "--log-format", "json", "--log-level"]
         env = {**os.environ, "DASHSCOPE_API_KEY": KEY}
-        workers = [
-            await anyio.open_process(cmd, env=env, stdout=subprocess.DEVNULL, stderr=None if i else subprocess.PIPE)
-            for i in range(3)
-        ]
+        victim = await anyio.open_process([*cmd, "debug"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        workers = [victim]
         try:
-            victim = workers[0]
             assert victim.stderr is not None
-            async for line in TextReceiveStream(victim.stderr):
-                if "submit.accepted" in line:
+            logged = ""
+            # The others start once the victim holds an item past detect: started together on a busy host, they
+            # could take every item while the victim starts up, and it would finish unkilled.
+            async for chunk in TextReceiveStream(victim.stderr):
+                logged += chunk
+                if len(workers) == 1 and '"stage.done"' in logged:
+                    quiet = subprocess.DEVNULL
+                    workers += [await anyio.open_process([*cmd, "info"], env=env, stdout=quiet) for _ in "ab"]
+                if "submit.accepted" in logged:
                     victim.send_signal(signal.SIGKILL)
                     break
             codes = [await w.wait() for w in workers]
