@@ -23,11 +23,13 @@ pytest.importorskip("av")
 pytest.importorskip("cv2")
 
 from lpengine import BatchConfig, Engine, ProgressEvent, load_config
+from lpengine.config import load_secrets
 from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, run_emulator
 from lpengine.emulator.app import RunningEmulator
 from lpengine.emulator.settings import Defect
-from lpengine.state import SqliteStateStore
+from lpengine.state import open_store
 from tests.helpers import write_batch
+from tests.pg import unique_batch
 
 pytestmark = pytest.mark.anyio
 
@@ -58,12 +60,17 @@ def defects(emulator: RunningEmulator, photos: list[Path], *extra: FaultRule) ->
     emulator.set_faults(FaultSettings(rules=[*rules, *extra]))
 
 
-async def made_with_two_bad(tmp_path: Path, emulator: RunningEmulator) -> tuple[BatchConfig, list[Path]]:
+async def made_with_two_bad(
+    tmp_path: Path, emulator: RunningEmulator, state: str | None = None
+) -> tuple[BatchConfig, list[Path]]:
+    """Three photos made, two of them bad; `state`: the batch's `state:` section (PostgreSQL), else SQLite."""
     from lpengine.demo_assets import make_portraits
 
     photos = make_portraits(tmp_path / "photos", 3)
     defects(emulator, photos)
-    config = load_config(write_batch(tmp_path, emulator.base_url, SPEEDUP, storage="\n  backend: fileserver"))
+    sections = {"state": state} if state else {}
+    path = write_batch(tmp_path, emulator.base_url, SPEEDUP, storage="\n  backend: fileserver", **sections)
+    config = load_config(path)
     async with Engine(config, api_key=KEY) as engine:
         report = await engine.run()
     assert sorted(str(r.verdict) for r in report.items) == ["bad", "bad", "ok"]
@@ -71,10 +78,18 @@ async def made_with_two_bad(tmp_path: Path, emulator: RunningEmulator) -> tuple[
     return config, photos
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def state(request: pytest.FixtureRequest) -> str | None:
+    """The batch's `state:` section: none (SQLite), or a PostgreSQL batch (cooperative-worker mode: leases)."""
+    if request.param == "sqlite":
+        return None
+    return f"{{url: '{request.getfixturevalue('pg_url')}', batch: {unique_batch()}}}"
+
+
 async def test_redo_bad_pays_once_for_each_bad_video_and_keeps_the_earlier_one(
-    tmp_path: Path, emulator: RunningEmulator
+    tmp_path: Path, emulator: RunningEmulator, state: str | None
 ) -> None:
-    config, _ = await made_with_two_bad(tmp_path, emulator)
+    config, _ = await made_with_two_bad(tmp_path, emulator, state)
     out = config.output_dir
     before = {Path(r["output"]).stem: r for r in json.loads((out / "report.json").read_text())["items"]}
     old_bytes = (out / "portrait-0001.mp4").read_bytes()
@@ -116,7 +131,7 @@ async def test_redo_bad_pays_once_for_each_bad_video_and_keeps_the_earlier_one(
     html = (out / "report.html").read_text()
     assert html.count("redone 1× · was bad") == 2 and "portrait-0001.prev1.mp4" in html
 
-    async with SqliteStateStore(config.state_path) as store:
+    async with open_store(config, load_secrets(config.base_dir)) as store:
         records = {row.output_name: row.data async for row in store.items()}
         assert await store.redo_epoch() == 1
     assert records["portrait-0001"]["redo"]["epoch"] == 1 and records["portrait-0001"]["redo"]["history"][0]["at"] > 0
