@@ -27,7 +27,7 @@ import anyio
 import yaml
 
 from lpengine.config import BatchConfig, PricingConfig, VideoParams, load_config
-from lpengine.engine import Engine
+from lpengine.engine import REDO_BAD, DryRunReport, Engine
 from lpengine.errors import BatchLockedError, ConfigError, LPEngineError
 from lpengine.models import ItemState, RunReport
 from lpengine.progress import ProgressState
@@ -37,7 +37,7 @@ from lpengine.state import SqliteStateStore
 from lpengine.state.base import StoredItem
 from lpengine.web.uploads import Intake
 
-__all__ = ["BATCH_ID", "STATES", "BatchManager", "EngineOpener"]
+__all__ = ["BATCH_ID", "STATES", "BatchBusy", "BatchManager", "EngineOpener"]
 
 BATCH_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 STATES = ("queued", "running", "paused", "done", "failed", "cancelled")
@@ -48,6 +48,10 @@ _LOG_TAIL_BYTES = 16 * 1024
 
 EngineOpener = Callable[[BatchConfig, Callable[[ProgressEvent], None]], Engine]
 """Makes the engine for a batch's config (the console decides the key and, in demo mode, the shared emulator)."""
+
+
+class BatchBusy(Exception):
+    """The batch is queued or running: what was asked needs it stopped."""
 
 
 @dataclass
@@ -90,6 +94,8 @@ class BatchManager:
         self._configs: dict[str, BatchConfig] = {}
         self._logs: dict[str, tuple[Path, int, list[str]]] = {}
         self._live_summary: tuple[tuple[str, int, str], dict[str, Any]] | None = None
+        self._redo: dict[str, str] = {}
+        """Batches queued by Redo bad, with the selection (`DryRunReport.redo_digest`) whose cost was agreed to."""
         base = load_config(base_config)
         self.pricing = base.pricing
         self.video_defaults = base.video
@@ -230,6 +236,24 @@ class BatchManager:
     """Retry failed: a re-run retries every temporary and retryable failure (within `state.max_submit_attempts`)
     and keeps final answers, which would fail again and be paid again (docs/cron.md)."""
 
+    async def redo_estimate(self, bid: str) -> DryRunReport:
+        """What Redo bad would make again and pay: the engine's own dry run, as `lpengine run --redo bad` prints it.
+        Nothing is locked, sent or changed."""
+        async with Engine.estimating(self.config(bid)) as engine:
+            return await engine.dry_run(redo=REDO_BAD)
+
+    async def redo_bad(self, bid: str, confirm: str) -> tuple[bool, DryRunReport]:
+        """Queue the batch to make its bad videos again, if `confirm` names the selection priced now; else
+        (False, the estimate as it is now), nothing queued. The run checks the selection again under its lock."""
+        if self.meta(bid)["state"] in ("queued", "running"):
+            raise BatchBusy("the batch is queued or running: Redo bad once it has stopped")
+        estimate = await self.redo_estimate(bid)
+        if not estimate.redo or estimate.redo_digest != confirm:
+            return False, estimate
+        self._redo[bid] = confirm
+        self.resume(bid)
+        return True, estimate
+
     # -- the queue --------------------------------------------------------------------------------------------
 
     async def serve(self) -> None:
@@ -259,7 +283,17 @@ class BatchManager:
                 if (stop_as := self._stop_requested()) is not None:
                     engine.stop(cancel_pending=stop_as == "cancelled")
                 live = self._live
-                report = await engine.run(on_planned=live.progress.set_total)
+                redo: tuple[str, ...] = ()
+                if (confirmed := self._redo.pop(bid, None)) is not None:
+                    # the selection again, under the run's lock: only what was priced and agreed to is paid for
+                    estimate = await engine.dry_run(redo=REDO_BAD)
+                    if estimate.redo_digest != confirmed:
+                        raise LPEngineError(
+                            "the videos judged bad changed since their cost was shown; nothing was redone: "
+                            "press Redo bad again"
+                        )
+                    redo = estimate.redo
+                report = await engine.run(on_planned=live.progress.set_total, redo=redo)
         except BatchLockedError:
             error = "another run of this batch (the CLI?) holds it; its progress shows here as it goes"
         except ConfigError as exc:

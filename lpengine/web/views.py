@@ -16,8 +16,9 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from lpengine.config import VideoParams
-from lpengine.errors import ConfigError
-from lpengine.web.batches import BatchManager
+from lpengine.engine import DryRunReport
+from lpengine.errors import ConfigError, LPEngineError
+from lpengine.web.batches import BatchBusy, BatchManager
 from lpengine.web.uploads import MAX_IMAGES, FileProblem, Intake, UploadRefused, read_intake, video_params
 
 __all__ = ["MANAGER", "SSE_INTERVAL_S", "routes"]
@@ -224,6 +225,68 @@ def _control(action: str) -> Any:
 
 for _action in ("cancel", "retry", "pause", "resume"):
     routes.post(f"/api/batches/{{bid}}/{_action}")(_control(_action))
+
+
+def _redo_answer(bid: str, estimate: DryRunReport) -> dict[str, Any]:
+    return {
+        "id": bid,
+        "items": len(estimate.redo),
+        "names": list(estimate.redo_names),
+        "video_seconds": round(estimate.redo_seconds, 3),
+        "cost_cny": estimate.redo_cost_cny,
+        "run_items": estimate.would_submit,
+        "run_cost_cny": estimate.estimated_cost_cny,
+        "resuming": estimate.redo_resuming,
+        "confirm": estimate.redo_digest,
+    }
+
+
+def _nothing_to_redo(estimate: DryRunReport) -> str:
+    if estimate.redo_resuming:
+        return f"{estimate.redo_resuming} item(s) of the last redo are unfinished: Resume finishes them first"
+    return "no video is judged bad: nothing to redo"
+
+
+@routes.get("/api/batches/{bid}/redo-bad")
+async def api_redo_estimate(request: web.Request) -> web.Response:
+    """What Redo bad would make again and pay (the dry run of `lpengine run --redo bad`); nothing is changed."""
+    bid = _bid(request)
+    try:
+        estimate = await _manager(request).redo_estimate(bid)
+    except ConfigError as exc:
+        return _json({"error": "; ".join(exc.problems)}, status=409)
+    except LPEngineError as exc:
+        return _json({"error": str(exc)}, status=409)
+    answer = _redo_answer(bid, estimate)
+    return _json(answer if estimate.redo else {"message": _nothing_to_redo(estimate), **answer})
+
+
+@routes.post("/api/batches/{bid}/redo-bad")
+async def api_redo(request: web.Request) -> web.Response:
+    """Pay again for the bad videos, given the `confirm` of the estimate the user saw: 202 and the batch queued;
+    409 with the estimate as it is now when that selection changed, when there is nothing to redo, or while the
+    batch runs."""
+    bid = _bid(request)
+    try:
+        confirm = (await request.json())["confirm"]
+        if not isinstance(confirm, str):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return _json({"error": 'send {"confirm": …} from GET /api/batches/{id}/redo-bad'}, status=400)
+    manager = _manager(request)
+    try:
+        queued, estimate = await manager.redo_bad(bid, confirm)
+    except BatchBusy as exc:
+        return _json({"error": str(exc)}, status=409)
+    except ConfigError as exc:
+        return _json({"error": "; ".join(exc.problems)}, status=409)
+    except LPEngineError as exc:
+        return _json({"error": str(exc)}, status=409)
+    answer = _redo_answer(bid, estimate)
+    if not queued:
+        error = _nothing_to_redo(estimate) if not estimate.redo else "the selection changed since it was priced"
+        return _json({"error": error, **answer}, status=409)
+    return _json({**answer, "state": manager.meta(bid)["state"]}, status=202)
 
 
 @routes.get("/api/batches/{bid}/events")

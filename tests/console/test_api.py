@@ -14,7 +14,7 @@ import aiohttp
 import anyio
 import pytest
 
-from lpengine.emulator import EmulatorSettings, FaultSettings, ManualClock, run_emulator
+from lpengine.emulator import EmulatorSettings, FaultRule, FaultSettings, ManualClock, run_emulator
 from lpengine.errors import ConfigError
 from lpengine.web import Console, ConsoleSettings, open_console
 from tests.console.conftest import PORTRAITS, TOKEN, VOICE, settings
@@ -380,3 +380,53 @@ async def test_named_presets_are_offered_and_resolved(console: Console, http: ai
     assert params["video_fps"] == 25  # the adjustment wins over the preset
     assert all(params[k] == v for k, v in presets["news-anchor"].items() if k != "video_fps")
     await _until(console, bid, {"done"})
+
+
+async def test_redo_bad_shows_its_cost_first_and_pays_once_confirmed(
+    console: Console, http: aiohttp.ClientSession
+) -> None:
+    emulator: Any = console.emulator
+    emulator.set_faults(FaultSettings(rules=[FaultRule(match="", action="defect", defect="frozen", times=1)]))
+    bid = await _create(http, n=2)
+    await _until(console, bid, {"done"})
+
+    def paid() -> tuple[int, int]:
+        stats = emulator.stats()
+        return sum(stats.detect_per_image.values()), sum(stats.submissions_per_image.values())
+
+    async with http.get(f"/api/batches/{bid}") as rsp:
+        assert sorted(i["verdict"] for i in (await rsp.json())["items"]) == ["bad", "ok"]
+    assert paid() == (2, 2)
+
+    async with http.get(f"/api/batches/{bid}/redo-bad") as rsp:
+        estimate = await rsp.json()
+    assert rsp.status == 200 and estimate["items"] == 1 and estimate["resuming"] == 0
+    assert estimate["video_seconds"] == pytest.approx(3.946, abs=0.01)
+    assert estimate["cost_cny"] == estimate["run_cost_cny"] == pytest.approx(3.946 * 0.02, abs=1e-3)
+
+    async with http.post(f"/api/batches/{bid}/redo-bad") as rsp:  # no confirmation at all
+        assert rsp.status == 400
+    async with http.post(f"/api/batches/{bid}/redo-bad", json={"confirm": "another-selection"}) as rsp:
+        refused = await rsp.json()
+        assert rsp.status == 409 and refused["confirm"] == estimate["confirm"]  # what to look at now
+    async with aiohttp.ClientSession(_root(console), cookies={"lpengine_console": TOKEN}) as browser:
+        cross_site = {"Origin": "http://evil.example"}
+        async with browser.post(f"/api/batches/{bid}/redo-bad", json=estimate, headers=cross_site) as rsp:
+            assert rsp.status == 403
+    assert paid() == (2, 2) and console.manager.meta(bid)["state"] == "done"
+
+    async with http.post(f"/api/batches/{bid}/redo-bad", json={"confirm": estimate["confirm"]}) as rsp:
+        accepted = await rsp.json()
+    assert rsp.status == 202 and accepted["state"] == "queued" and accepted["items"] == 1
+    done = await _until(console, bid, {"done", "failed"})
+    assert done["state"] == "done", done["error"]
+    assert paid() == (2, 3)  # one task more, no face check
+    async with http.get(f"/api/batches/{bid}") as rsp:
+        assert [i["verdict"] for i in (await rsp.json())["items"]] == ["ok", "ok"]
+
+    async with http.get(f"/api/batches/{bid}/redo-bad") as rsp:  # nothing bad any more: nothing to pay
+        again = await rsp.json()
+    assert (again["items"], again["cost_cny"], again["message"]) == (0, 0.0, "no video is judged bad: nothing to redo")
+    async with http.post(f"/api/batches/{bid}/redo-bad", json={"confirm": again["confirm"]}) as rsp:
+        assert rsp.status == 409
+    assert paid() == (2, 3)

@@ -10,7 +10,7 @@ from typing import Any
 
 from playwright.sync_api import Page, expect
 
-from lpengine.emulator import FaultSettings
+from lpengine.emulator import FaultRule, FaultSettings
 from lpengine.web import Console
 from tests.console.conftest import ASSETS, PORTRAITS, VOICE
 
@@ -63,6 +63,9 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
     expect(page.locator("#start")).to_be_enabled()
     _shot(page, "new-batch", tmp_path)
 
+    # the one video comes back defective, so that Redo bad has something to make again
+    frozen = FaultRule(match="", action="defect", defect="frozen", times=1)
+    console.portal.call(console.emulator.set_faults, FaultSettings(rules=[frozen]))
     page.click("#start")
     expect(page).to_have_url(re.compile(r"/batches/\d{8}-\d{6}-[0-9a-f]{6}$"))
     first = page.url
@@ -73,6 +76,26 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
     expect(page.locator("#items tbody tr")).to_have_count(2)
     expect(page.locator("#items")).to_contain_text("detect_failed")
     _shot(page, "batch", tmp_path)
+
+    # Redo bad: its cost first, then a confirmation; only then is the bad video made again (and comes back ok)
+    expect(page.locator("#items .verdict")).to_have_text("bad")
+    page.click("#redo-bad")
+    expect(page.locator("#redo-cost")).to_contain_text("Make 1 video(s) judged bad again")
+    expect(page.locator("#redo-cost")).to_contain_text("CNY, paid again")
+    assert sum(console.emulator.stats().submissions_per_image.values()) == 1
+    page.click("#redo-yes")
+    bid = first.rsplit("/", 1)[1]
+    page.wait_for_function(
+        """async (id) => {
+            const body = await (await fetch(`/api/batches/${id}`)).json();
+            return body.state === "done" && body.items.some((it) => it.verdict === "ok");
+        }""",
+        arg=bid,
+        polling=250,
+    )
+    page.reload()
+    expect(page.locator("#items .verdict")).to_have_text("ok")
+    assert sum(console.emulator.stats().submissions_per_image.values()) == 2
 
     page.goto(first + "/gallery")
     video = page.locator("video")
@@ -96,7 +119,7 @@ def test_upload_watch_play_review_cancel(threaded_console: Console, page: Page, 
     page.click("button[data-action=cancel]")
     console.portal.call(console.emulator.set_faults, FaultSettings())
     expect(page.locator("#state")).to_have_text("cancelled")
-    assert console.emulator.stats().tasks_by_status.get("SUCCEEDED", 0) == 1
+    assert console.emulator.stats().tasks_by_status.get("SUCCEEDED", 0) == 2  # the first batch's video and its redo
 
     page.goto(console.url.split("/?")[0] + "/batches")
     expect(page.locator("#batches tbody tr")).to_have_count(2)

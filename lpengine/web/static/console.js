@@ -116,6 +116,33 @@ function batchPage() {
     })
   );
 
+  // Redo bad: the cost first (the dry run of `lpengine run --redo bad`), then a confirmation naming what was priced.
+  let redoConfirm = null;
+  $("#redo-bad").addEventListener("click", async () => {
+    const rsp = await fetch(`/api/batches/${id}/redo-bad`);
+    const est = await rsp.json();
+    $("#batch-error").textContent = rsp.ok ? est.message || "" : est.error;
+    if (!rsp.ok || !est.items) return;
+    const names = est.names.slice(0, 5).join(", ") + (est.names.length > 5 ? ", …" : "");
+    let text = `Make ${est.items} video(s) judged bad again (${names}): ${est.video_seconds.toFixed(1)} s of video, ` +
+      `about ${est.cost_cny.toFixed(3)} CNY, paid again. The earlier videos are kept as NAME.prevN.mp4.`;
+    if (est.run_items > est.items) text += ` The run also makes ${est.run_items - est.items} item(s) not made yet: about ${est.run_cost_cny.toFixed(3)} CNY in all.`;
+    $("#redo-cost").textContent = text;
+    redoConfirm = est.confirm;
+    $("#redo-box").hidden = false;
+  });
+  $("#redo-no").addEventListener("click", () => { $("#redo-box").hidden = true; redoConfirm = null; });
+  $("#redo-yes").addEventListener("click", async () => {
+    $("#redo-box").hidden = true;
+    const rsp = await fetch(`/api/batches/${id}/redo-bad`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ confirm: redoConfirm }),
+    });
+    const body = await rsp.json();
+    if (!rsp.ok) $("#batch-error").textContent = body.error;
+  });
+
   async function refreshItems() {
     if (refreshing) return;
     refreshing = true;
