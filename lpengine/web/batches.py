@@ -221,6 +221,7 @@ class BatchManager:
         if state in ("queued", "paused") or (as_state == "cancelled" and state == "failed"):
             if bid in self._queue:
                 self._queue.remove(bid)
+            self._redo.pop(bid, None)  # a Redo bad still queued is withdrawn too: Resume alone never pays again
             self._save_meta(bid, state=as_state)
             return as_state
         return str(state)

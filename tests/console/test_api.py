@@ -415,6 +415,13 @@ async def test_redo_bad_shows_its_cost_first_and_pays_once_confirmed(
             assert rsp.status == 403
     assert paid() == (2, 2) and console.manager.meta(bid)["state"] == "done"
 
+    # queued, then cancelled before it ran: the redo is withdrawn with it, and Resume alone pays nothing again
+    assert (await console.manager.redo_bad(bid, estimate["confirm"]))[0]
+    assert console.manager.cancel(bid) == "cancelled"
+    console.manager.resume(bid)
+    await _until(console, bid, {"done"})
+    assert paid() == (2, 2)
+
     async with http.post(f"/api/batches/{bid}/redo-bad", json={"confirm": estimate["confirm"]}) as rsp:
         accepted = await rsp.json()
     assert rsp.status == 202 and accepted["state"] == "queued" and accepted["items"] == 1
