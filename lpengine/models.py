@@ -136,6 +136,9 @@ class Item:
     """An earlier run already saw the video succeed (and so counted its cost)."""
     redo: dict[str, Any] | None = None
     """`{"epoch", "count", "history"}` once the item was redone (`lpengine.stages.redo`); None: never."""
+    sent_here: bool = False
+    """This process sent the submit that made the item's task, with input URLs it serves itself; False for a task
+    an earlier run or another worker sent (found in the store or reconciled), whose URLs may have died with it."""
 
     @property
     def sent_image(self) -> LocalFile | None:

@@ -88,6 +88,9 @@ class BenchSettings:
     state_url: str | None = None
     kill_seed: int | None = None
     """With several workers: SIGKILL the first one at a moment drawn from this seed (docs/scaling.md)."""
+    unreachable_input: str = "reject"
+    """The emulator's answer to a submit whose inputs it cannot download: `reject` (a 400, no task) or `fail_task`
+    (a task that fails `InvalidURL`): a worker killed mid-submit leaves the second kind behind (docs/scaling.md)."""
     inputs: str = "files"
     """lpengine's inputs: `files` (local, served by its own `fileserver` storage) or `urls` (a manifest of URLs on
     the bench's file server, storage `url`: what the SDK scripts get, so no serving or local checks in lpengine)."""
@@ -234,6 +237,7 @@ def emulator(s: BenchSettings, workdir: Path) -> Iterator[Child]:
         "seed": s.seed,
         "detector": s.detector,
         "video": "stub",
+        "unreachable_input": s.unreachable_input,
     }
     path = workdir / "emulator.json"
     path.write_text(json.dumps(settings), encoding="utf-8")
@@ -382,6 +386,12 @@ def run_workers(s: BenchSettings, spec: dict[str, Any], workdir: Path) -> tuple[
         "workers_cpu_s": sum(r.get("workers_cpu_s", 0.0) for r in results),
         "batch_wall_s": max(r["batch_wall_s"] for r in results),
     }
+    taken: set[str] = set()  # items a surviving worker took over from a dead one (docs/scaling.md)
+    for log_file in Path(spec["out"]).glob("lpengine-*.jsonl"):
+        for line in log_file.read_bytes().splitlines():
+            if b'"item.taken_over"' in line:
+                taken.add(json.loads(line)["item"])
+    merged["taken_over"] = len(taken)
     run = ClientRun(
         result=merged,
         cpu_s=sum(r.cpu_s for r in done),
@@ -594,7 +604,11 @@ def run_bench(s: BenchSettings, *, log: Callable[[str], None] = print) -> dict[s
                     stats = _http("GET", root_url + "/_emulator/stats")
                     m = metrics(s, run, stats) | {"loopback_rtt_cpu_us": rtt}
                     if s.workers > 1 and client == "lpengine":
-                        m |= {"workers": s.workers, "killed_at_wall_s": killed_at}
+                        m |= {
+                            "workers": s.workers,
+                            "killed_at_wall_s": killed_at,
+                            "taken_over": run.result["taken_over"],
+                        }
                     results.append(m)
                     log(table([m], instant=s.instant).splitlines()[-1])
         against_floor(results)
@@ -1179,6 +1193,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--state-url", help="PostgreSQL URL for --workers (LPENGINE_STATE_URL by default)")
     p.add_argument("--kill-seed", type=int, help="with --workers: SIGKILL the first worker at a moment from this seed")
     p.add_argument(
+        "--unreachable-input",
+        choices=("reject", "fail_task"),
+        default="reject",
+        help="the emulator's answer to inputs it cannot download: a 400 at submit, or a task failing InvalidURL",
+    )
+    p.add_argument(
         "--analysis-cpu",
         action="store_true",
         help="only measure the analysis' CPU per second of video (512×512, 25 fps, ~20 s talking head)",
@@ -1219,6 +1239,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         workers=args.workers,
         state_url=args.state_url or os.environ.get("LPENGINE_STATE_URL"),
         kill_seed=args.kill_seed,
+        unreachable_input=args.unreachable_input,
     )
 
 

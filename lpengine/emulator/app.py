@@ -38,7 +38,7 @@ from lpengine.emulator.media import (
     stub_video,
     video_encoder_available,
 )
-from lpengine.emulator.settings import Defect, EmulatorSettings, Endpoint, FaultSettings
+from lpengine.emulator.settings import ERROR_CATALOGUE, Defect, EmulatorSettings, Endpoint, FaultSettings
 from lpengine.emulator.state import (
     UPLOAD_MAX_MB,
     ApiError,
@@ -85,6 +85,9 @@ def _bad_request(message: str = "The request parameter is invalid.") -> ApiError
 
 def _missing(name: str) -> ApiError:
     return _bad_request(f"Required parameter({name}) missing or invalid, please check the request parameters.")
+
+
+_INVALID_URL = ERROR_CATALOGUE["InvalidURL"][1]
 
 
 def _download_failed() -> ApiError:
@@ -381,7 +384,10 @@ class _Emulator:
         image_bytes = await self._fetch(request, image_url, VIDEO_MODEL, IMAGE_MAX_BYTES)
         audio_bytes = await self._fetch(request, audio_url, VIDEO_MODEL, AUDIO_MAX_BYTES)
         if image_bytes is None or audio_bytes is None:
-            raise _download_failed()  # §6's synchronous code for an input the service cannot download
+            if self.settings.unreachable_input == "reject":
+                raise _download_failed()  # §6's synchronous code for an input the service cannot download
+            # §3's other shape: the task is queued and fails `InvalidURL` when it reaches the runner
+            return self._queue(request, api_key, image_url, None, 0.0, None, ("InvalidURL", _INVALID_URL))
         # Format, size and length problems are 400s at submit too; a missing face is only found "later" (§3):
         # the task is queued and fails when it reaches the runner.
         image = await self._inspect_image(image_bytes)
@@ -393,12 +399,24 @@ class _Emulator:
         elif self.real_video:
             thumbnail = await anyio.to_thread.run_sync(make_thumbnail, image)
             media = ((image.sha256, audio.sha256, fps, look), thumbnail, audio_bytes)
+        return self._queue(request, api_key, image_url, image.sha256, audio.duration, media, failure)
+
+    def _queue(
+        self,
+        request: web.Request,
+        api_key: str,
+        image_url: str,
+        image_sha256: str | None,
+        audio_duration: float,
+        media: tuple[MediaKey, bytes, bytes] | None,
+        failure: tuple[str, str] | None,
+    ) -> web.Response:
         task = self.state.submit(
             request_id=request[_REQUEST_ID],
             api_key=api_key,
             image_url=image_url,
-            image_sha256=image.sha256,
-            audio_duration=audio.duration,
+            image_sha256=image_sha256,
+            audio_duration=audio_duration,
             media=media,
             input_failure=failure,
         )

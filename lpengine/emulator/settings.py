@@ -252,6 +252,10 @@ class EmulatorSettings(_Model):
     result_shape: Literal["results", "flat", "none"] = "results"
     """Where a SUCCEEDED answer puts the video URL: `results` = `output.results.video_url` (§4, LivePortrait),
     `flat` = `output.video_url` (the sibling video models' shape), `none` = nowhere (a malformed answer)."""
+    unreachable_input: Literal["reject", "fail_task"] = "reject"
+    """What a submit whose image or audio cannot be downloaded gets: `reject` = §6's synchronous 400
+    `InvalidParameter.InputDownloadFailed`, no task; `fail_task` = a task queued that ends FAILED `InvalidURL` when
+    it reaches the runner (§3's shape, as a service that fetches later would answer)."""
     status_aliases: dict[str, str] = {}
     """`task_status` values renamed in task queries, e.g. `{"RUNNING": "PROCESSING"}`: a state the docs do not list,
     as the service might add one."""

@@ -28,7 +28,7 @@ import anyio
 from lpengine.client.wire import TaskInfo, TaskStatus
 from lpengine.errors import AuthError, LPEngineError, QuotaError, ResultMissingError
 from lpengine.models import Item, ItemState, Stage
-from lpengine.stages.context import StageContext
+from lpengine.stages.context import INPUT_DOWNLOAD_FAILED, StageContext
 
 _EPOCH = datetime(1970, 1, 1)
 
@@ -303,6 +303,9 @@ class _Producer:
 _RUNNING_LIKE = frozenset({TaskStatus.RUNNING, TaskStatus.UNRECOGNISED})
 """Statuses stepped through like a run that overran: an unknown state most likely means the task is being worked on."""
 
+_INPUT_UNREACHABLE = frozenset({"InvalidURL", INPUT_DOWNLOAD_FAILED})
+"""Task codes (§3, §6) for inputs the service could not download: the task ran nothing and is not billed."""
+
 _RETRYABLE_TASK_PREFIXES = ("InternalError", "SystemError", "ModelServiceFailed", "ModelServingError")
 
 
@@ -353,6 +356,12 @@ async def poll_once(ctx: StageContext, scheduler: PollScheduler, t: Tracked) -> 
         item.task_code, item.task_message = info.code, info.message
         if retryable_task_code(info.code):
             return await _resubmit(ctx, scheduler, item, f"task failed with retryable {info.code}")
+        if info.code in _INPUT_UNREACHABLE and not item.sent_here:
+            # Sent by a run or worker that served the inputs itself (a file server) and died, mid-send or before
+            # the task ran: nothing was billed, and a task with this process's URLs can succeed. Once only: a
+            # task this process sent that fails alike has URLs the service really cannot fetch.
+            why = f"task failed with {info.code}: its inputs were published by a run or worker that is gone"
+            return await _resubmit(ctx, scheduler, item, why)
         item.finish(ItemState.TASK_FAILED, f"{info.code}: {info.message}")
         return item
     if info.status is TaskStatus.CANCELED:

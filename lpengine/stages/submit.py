@@ -58,6 +58,7 @@ async def _submit_locked(ctx: StageContext, item: Item) -> None:
         except AmbiguousSubmitError as exc:
             ctx.emit(item, "submit.ambiguous", level="warning", error=str(exc))
             await _adopt_or_clear(ctx, item)
+            item.sent_here = item.task_id is not None  # the lost send was this process's, with its URLs
             continue
         except (AuthError, QuotaError):
             # Refused with an answer: no task exists, so the mark is resolved here (else the next run reconciles
@@ -82,6 +83,7 @@ async def _submit_locked(ctx: StageContext, item: Item) -> None:
             item.finish(ItemState.SUBMIT_FAILED, f"no answer after retries: {exc}", transient=True)
             break
         await _claim(ctx, item, result.task_id)
+        item.sent_here = True
 
 
 async def _claim(ctx: StageContext, item: Item, task_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -17,12 +18,16 @@ import anyio
 import psycopg
 import pytest
 from anyio.streams.text import TextReceiveStream
+from pydantic import SecretStr
 
 from lpengine import Engine, ItemState, load_config
+from lpengine.client.api import DashScopeClient
 from lpengine.emulator import EmulatorSettings, run_emulator
 from lpengine.errors import LeaseLostError
+from lpengine.models import ItemSpec, item_identity
+from lpengine.plan import Namer, iter_plan
 from lpengine.state.postgres import PostgresStateStore
-from tests.helpers import write_batch
+from tests.helpers import VOICE, write_batch
 from tests.pg import unique_batch
 
 pytestmark = pytest.mark.anyio
@@ -167,6 +172,45 @@ async def test_status_shows_every_worker_with_host_pid_lease_and_heartbeat(tmp_p
     assert not dead["live"] and dead["last_heartbeat_s_ago"] >= 45 and dead["items_in_progress"] == 1
     assert [w["live"] for w in workers].count(True) == 1
     assert f"worker {socket.gethostname()} pid {os.getpid()}: lease expired (30 s)" in table
+
+
+async def test_a_task_whose_inputs_died_with_its_worker_is_sent_again_by_the_successor(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The item lost with `--kill-seed 2`: a worker killed while its submit was in flight leaves a task whose image
+    the service fetches from that worker's file server, gone with it, so the task fails `InvalidURL` (nothing is
+    billed). The successor finds that task through the reconciliation, as it must, and then sends the item again
+    with URLs it serves itself instead of ending it `task_failed`."""
+    from lpengine.demo_assets import make_portraits
+
+    make_portraits(tmp_path / "photos", 1)
+    batch = unique_batch()
+    settings = EmulatorSettings(api_keys=[KEY], speedup=SPEEDUP, video="stub", unreachable_input="fail_task")
+    async with run_emulator(settings) as emu:
+        path = write_batch(tmp_path, emu.base_url, SPEEDUP, state=f"{{url: '{pg_url}', batch: {batch}, lease_s: 130}}")
+        config = load_config(path)
+        spec = next(iter_plan(config, Namer()))
+        assert isinstance(spec, ItemSpec)
+        image_sha = hashlib.sha256(await anyio.Path(spec.image).read_bytes()).hexdigest()
+        item_id = item_identity(
+            spec.output_name, image_sha, hashlib.sha256(await anyio.Path(VOICE).read_bytes()).hexdigest(), spec.recipe
+        )
+        # What the dead worker left: the item's lease, its face check paid, its submit written ahead and sent with
+        # the URL of its own file server, which is gone by the time the service fetches it.
+        async with PostgresStateStore(pg_url, batch, lease_s=10) as dead:
+            assert await dead.claim_item(item_id)
+            await dead.put_detect(image_sha, True, "")
+            row = {"stage": "submit", "detect_paid": True, "submit_attempts": 1, "submit_inflight_wall": time.time()}
+            await dead.put(item_id, spec.output_name, image_sha, {**row, "input": spec.image})
+            async with DashScopeClient(config.api, SecretStr(KEY), base_url=emu.base_url) as api:
+                await api.submit("http://127.0.0.1:9/img.png", "http://127.0.0.1:9/voice.wav", spec.params)
+        async with Engine(config, api_key=KEY) as engine:
+            report = await engine.run()
+        stats = emu.stats()
+    [result] = report.items
+    assert (result.state, result.submit_attempts) == (ItemState.SUCCEEDED, 2), result.reason
+    assert [run.status for run in stats.runs] == ["FAILED", "SUCCEEDED"]  # the dead task, then the successor's
+    assert stats.submissions_per_image == {image_sha: 1} and stats.detect_per_image == {}
 
 
 @pytest.mark.slow
