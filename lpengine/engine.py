@@ -227,7 +227,8 @@ class Engine:
         stack.callback(log.close)
         # Workers sharing a database share each account's request rates (PostgreSQL; one atomic statement a request).
         coordinator = store.coordinator
-        pacer = coordinator.pacer(account_of(api_key.get_secret_value())) if coordinator is not None else None
+        account = account_of(api_key.get_secret_value())
+        pacer = coordinator.pacer(account) if coordinator is not None else None
         client = await stack.enter_async_context(
             DashScopeClient(config.api, api_key, base_url=base_url, speedup=config.speedup, pacer=pacer)
         )
@@ -241,6 +242,7 @@ class Engine:
             on_event=self._on_event,
             url_lifetime=self._url_lifetime(),
             window=asyncio.Semaphore(config.concurrency.submit_window),
+            account=coordinator.account_queue(account) if coordinator is not None else None,
         )
         stack.callback(self._ctx.upright.close)
         if self._ctx.default_audio is not None:

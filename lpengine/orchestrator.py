@@ -16,6 +16,7 @@ video can be on disk before the last image is uploaded.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 
@@ -29,6 +30,10 @@ from lpengine.stages import PollScheduler, detect, download, poll_once, prepare,
 from lpengine.stages.analyse import analyse
 from lpengine.stages.context import StageContext, current_item
 from lpengine.stages.upload import defer
+
+_PLACE_WAIT_MIN = 0.02
+_PLACE_WAIT_MAX = 1.0
+"""Seconds between two attempts at a place in a full account window, at least and at most."""
 
 ANALYSIS_BACKLOG = 1000
 """Downloaded videos waiting for judgement, at most (a few hundred bytes each)."""
@@ -86,8 +91,8 @@ class _SchedulerSink:
         self._scheduler = scheduler
         self._producer = scheduler.producer()
 
-    async def send(self, item: Item) -> None:
-        self._scheduler.add(item, resumed=item.resumed and item.submitted_wall is not None)
+    async def send(self, item: Item, queued: float | None = None) -> None:
+        self._scheduler.add(item, resumed=item.resumed and item.submitted_wall is not None, queued=queued)
 
     async def __aenter__(self) -> _SchedulerSink:
         return self
@@ -103,6 +108,7 @@ class Orchestrator:
         self.ctx = ctx
         self.scheduler = PollScheduler(speedup=ctx.speedup, ratio=ctx.config.limits.expected_realtime_factor)
         self.analyzer: Analyzer | None = None
+        self._slot_freed = asyncio.Event()
         self._warming = False
         self._tg: anyio.abc.TaskGroup | None = None
         if ctx.config.analysis.enabled:
@@ -243,20 +249,55 @@ class Orchestrator:
         async with inbox, sink, results:
             async for item in drain(inbox):
                 await self.ctx.window.acquire()
+                if self.ctx.account is not None:
+                    await self._take_place(item)
                 await self._run_step(submit, item)
                 if self.analyzer is not None and not self._warming and item.task_id is not None:
                     self._warming = True  # a video is coming: start the analysis worker while it is made
                     assert self._tg is not None
                     self._tg.start_soon(self._warm_up, self.analyzer)
                 if item.state is not None:
-                    self.ctx.window.release()
+                    await self._release(item)
                     await self._finish(item, results)
+                elif self.ctx.account is not None:
+                    await sink.send(item, await self.ctx.account.submitted(item.item_id))
                 else:
                     await sink.send(item)
+
+    async def _take_place(self, item: Item) -> None:
+        """Wait for a place in the account's window (shared by every worker on the account). A place frees when a
+        task leaves the service, so between attempts wait for the next task predicted to end (with every worker's
+        tasks in the prediction), or for this worker to free one itself."""
+        account = self.ctx.account
+        assert account is not None
+        window = self.ctx.config.concurrency.submit_window
+        while not await account.take(item.item_id, window, item.audio_duration or 10.0):
+            self.scheduler.set_view(await account.view())
+            self.scheduler.replan()
+            end = self.scheduler.next_end()
+            # Its owner notices the task's end a poll margin later; past that, look again every few hundredths.
+            wait = _PLACE_WAIT_MAX if end is None else (end - anyio.current_time()) * 1.05
+            freed = self._slot_freed
+            with anyio.move_on_after(min(max(wait, 0.0) + _PLACE_WAIT_MIN, _PLACE_WAIT_MAX)):
+                await freed.wait()
+
+    async def _release(self, item: Item) -> None:
+        """The item's task left the service (or was never sent): its place in the window is free."""
+        self.ctx.window.release()
+        if self.ctx.account is not None and item.item_id:
+            with anyio.CancelScope(shield=True):
+                await self.ctx.account.release(item.item_id, self.scheduler.runner_free)
+            self._slot_freed.set()
+            self._slot_freed = asyncio.Event()
 
     async def _poll_worker(self, outbox: MemoryObjectSendStream[Item], results: MemoryObjectSendStream[Item]) -> None:
         async with outbox, results:
             while (tracked := await self.scheduler.next_due()) is not None:
+                if self.ctx.account is not None:
+                    # Other workers' tasks run in the same queue: look at them before spending a query.
+                    self.scheduler.set_view(await self.ctx.account.view())
+                    if not self.scheduler.recheck(tracked):
+                        continue
                 item = tracked.item
                 current_item.set(item)
                 try:
@@ -269,7 +310,7 @@ class Orchestrator:
                     left = item.finish(ItemState.TASK_FAILED, f"internal error: {exc!r}", transient=True)
                 if left is None:
                     continue
-                self.ctx.window.release()
+                await self._release(left)
                 if left.state is not None:
                     await self._finish(left, results)
                 else:

@@ -19,7 +19,7 @@ from lpengine.locks import KeyedLocks
 from lpengine.logs import BatchLog
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages.upright import UprightCopies, upright_folder
-from lpengine.state.base import StateStore
+from lpengine.state.base import AccountQueue, StateStore
 from lpengine.storage.base import LocalFile, Storage
 
 current_item: contextvars.ContextVar[Item | None] = contextvars.ContextVar("lpengine_current_item", default=None)
@@ -57,6 +57,8 @@ class StageContext:
     url_lifetime: timedelta = timedelta(hours=2)
     # asyncio's semaphore, not anyio's: see `lpengine.client.limits.RateMeter`
     window: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(4))
+    account: AccountQueue | None = None
+    """The account's window and queue shared with other workers (PostgreSQL); None: this process's window alone."""
     audio: dict[str, AudioTrack] = field(default_factory=dict)
     locks: KeyedLocks[tuple[str, str]] = field(default_factory=KeyedLocks)
     """Per-content locks, so concurrent copies of one file publish or detect once."""

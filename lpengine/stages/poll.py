@@ -29,6 +29,7 @@ from lpengine.client.wire import TaskInfo, TaskStatus
 from lpengine.errors import AuthError, LPEngineError, QuotaError, ResultMissingError
 from lpengine.models import Item, ItemState, Stage
 from lpengine.stages.context import INPUT_DOWNLOAD_FAILED, StageContext
+from lpengine.state.base import QueueView
 
 _EPOCH = datetime(1970, 1, 1)
 
@@ -43,6 +44,8 @@ class Tracked:
     seq: int
     submitted_local: float
     audio_s: float
+    queued_local: float
+    """Its place in the account's queue (with other workers: when the shared queue recorded it)."""
     status: TaskStatus = TaskStatus.PENDING
     started_service: float | None = None
     polls: int = 0
@@ -55,6 +58,7 @@ class Tracked:
     """Resumed from an earlier run: its real submit time is unknown, so look at it at once."""
     odd_status_logged: bool = False
     """An UNRECOGNISED status of this task was logged (once per task is enough to notice a contract change)."""
+    due: float = 0.0
 
 
 @dataclass
@@ -81,6 +85,9 @@ class PollScheduler:
     _offsets: list[float] = field(default_factory=list)
     _runner_free_local: float = 0.0
     _ratios: list[float] = field(default_factory=list)
+    _foreign: list[tuple[float, float]] = field(default_factory=list)
+    """Other workers' tasks on the account, (queued at, audio seconds): the runner serves them in the same queue."""
+    _next_end: float | None = None
 
     # -- producer side ----------------------------------------------------------------------------------------
 
@@ -95,13 +102,14 @@ class PollScheduler:
             self._closed = True
             self._wake()
 
-    def add(self, item: Item, *, resumed: bool = False) -> None:
+    def add(self, item: Item, *, resumed: bool = False, queued: float | None = None) -> None:
         now = anyio.current_time()
         tracked = Tracked(
             item=item,
             seq=next(self._seq),
             submitted_local=now,
             audio_s=item.audio_duration or 10.0,
+            queued_local=now if queued is None else queued,
             poll_now=resumed,
         )
         self._tasks[tracked.seq] = tracked
@@ -147,6 +155,7 @@ class PollScheduler:
                 return
 
     def _push(self, t: Tracked, due: float) -> None:
+        t.due = due
         t.version += 1
         heapq.heappush(self._heap, (due, t.seq, t.version))
         if len(self._heap) > 4 * len(self._tasks) + 64:  # drop superseded entries now and then
@@ -187,6 +196,40 @@ class PollScheduler:
         _, seq, version = entry
         t = self._tasks.get(seq)
         return t is None or t.version != version
+
+    # -- the account's queue, shared with other workers (PostgreSQL) ----------------------------------------------
+
+    def set_view(self, view: QueueView) -> None:
+        """What the other workers on the account have queued, and when its runner was last seen free."""
+        self._foreign = view.queued
+        if view.runner_free is not None:
+            self._runner_free_local = max(self._runner_free_local, min(view.runner_free, anyio.current_time()))
+
+    def recheck(self, t: Tracked) -> bool:
+        """Is the task a worker just took still due, now that the view may have changed? If so the worker keeps it;
+        if not, it goes back to wait for its new time (no query spent on a task other workers' tasks delay)."""
+        self._hand_back(t)
+        now = anyio.current_time()
+        self._replan(now)
+        if t.due > now:
+            return False
+        t.version += 1  # its heap entry is void: this worker has it
+        t.in_hand = True
+        self._in_hand += 1
+        return True
+
+    def replan(self) -> None:
+        self._replan(anyio.current_time())
+
+    @property
+    def runner_free(self) -> float | None:
+        """When the runner was last seen free (local clock); None before any task was seen to finish."""
+        return self._runner_free_local or None
+
+    def next_end(self) -> float | None:
+        """The predicted end of the first task in the account's queue (local clock; past when it overran), as last
+        planned: when a place in the window should free next."""
+        return self._next_end
 
     def report(self, t: Tracked, info: TaskInfo) -> bool:
         """Record a query's answer. True when the task is terminal (the caller takes the item away)."""
@@ -254,10 +297,22 @@ class PollScheduler:
         return (service_seconds - statistics.median(self._offsets)) / self.speedup
 
     def _replan(self, now: float) -> None:
-        """Chain predicted ends through the FIFO queue and reschedule every task not in a worker's hands."""
+        """Chain predicted ends through the FIFO queue (with other workers' tasks in it, when the account's queue is
+        shared) and reschedule every task not in a worker's hands."""
         free = max(self._runner_free_local, 0.0)
-        for t in sorted(self._tasks.values(), key=lambda x: x.seq):
-            run_local = self.ratio * t.audio_s / self.speedup
+        self._next_end = None
+        queue: list[tuple[float, int, Tracked | None, float]] = [
+            (t.queued_local, t.seq, t, t.audio_s) for t in self._tasks.values()
+        ]
+        queue.extend((at, -1, None, audio_s) for at, audio_s in self._foreign)
+        queue.sort(key=lambda entry: entry[:2])
+        for queued, _, t, audio_s in queue:
+            run_local = self.ratio * audio_s / self.speedup
+            if t is None:
+                free = max(free, queued) + run_local
+                if self._next_end is None:
+                    self._next_end = free
+                continue
             start = max(free, t.submitted_local)
             if t.started_service is not None:
                 started = self._to_local(t.started_service)
@@ -265,14 +320,18 @@ class PollScheduler:
                     start = started
             end = start + run_local
             free = end
+            if self._next_end is None:
+                self._next_end = end
             if t.in_hand:
                 continue
             margin = max(self.min_interval_s / self.speedup, 0.04 * run_local)
             due = end + margin
             if t.polls:
                 if t.status in _RUNNING_LIKE and due <= now:
-                    # ran longer than predicted: step in fractions of its run time, not in fixed ticks
-                    due = now + max(self.min_interval_s / self.speedup, 0.15 * run_local)
+                    # ran longer than predicted: step in fractions of its run time, not in fixed ticks, from the
+                    # last look (from `now`, every replan would push the look back again: with other workers'
+                    # tasks replanned before each query, a task that overran was never looked at)
+                    due = t.last_poll_local + max(self.min_interval_s / self.speedup, 0.15 * run_local)
                 due = max(due, t.last_poll_local + self.min_interval_s / self.speedup)
                 due = min(due, t.last_poll_local + self.max_interval_s / self.speedup)
             elif t.poll_now:

@@ -44,6 +44,37 @@ class StoredUpload:
     created_key: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """The account's tasks outstanding at the service that other workers hold, on this process's clock
+    (`anyio.current_time()`): what a worker's prediction of its own tasks must chain through, since the account
+    runs every worker's tasks one at a time in the order they were submitted."""
+
+    runner_free: float | None
+    """When the account's runner last finished a task, as far as any worker has seen; None: not seen yet."""
+    queued: list[tuple[float, float]]
+    """(submitted at, audio seconds) of each of those tasks."""
+
+
+class AccountQueue(Protocol):
+    """The account-wide submission window and queue (PostgreSQL: `lpengine.account_tasks`), shared by every worker
+    of every batch on the account."""
+
+    async def take(self, item_id: str, window: int, audio_s: float) -> bool:
+        """A place in the account's window for the item; False while `window` tasks of the account are out."""
+        ...
+
+    async def submitted(self, item_id: str) -> float:
+        """The item's task is at the service: it is queued in this order (returned, local clock)."""
+        ...
+
+    async def release(self, item_id: str, runner_free: float | None) -> None:
+        """The item's task left the service (or was never sent); `runner_free`: when the runner was last seen free."""
+        ...
+
+    async def view(self) -> QueueView: ...
+
+
 class Coordinator(Protocol):
     """How cooperative workers share one batch (PostgreSQL): leases on items, heartbeats, takeover."""
 
@@ -54,6 +85,7 @@ class Coordinator(Protocol):
     async def claim_item(self, item_id: str) -> bool: ...
     async def deferred(self, item_ids: list[str]) -> tuple[list[StoredItem], list[str]]: ...
     def pacer(self, account: str) -> SharedPacer: ...
+    def account_queue(self, account: str) -> AccountQueue: ...
 
 
 class StateStore(Protocol):

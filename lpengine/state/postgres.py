@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,7 +32,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from lpengine.errors import LeaseLostError, StateStoreError
-from lpengine.state.base import FileStamp, StoredItem, StoredUpload, stored_item, stored_upload
+from lpengine.state.base import FileStamp, QueueView, StoredItem, StoredUpload, stored_item, stored_upload
 
 T = TypeVar("T")
 
@@ -124,6 +125,56 @@ _MIGRATIONS: tuple[str, ...] = (
         next_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (account, family)
     );
+    """,
+    # 3: the account's submission window and queue. A row per item holding a place in the window (its task about to
+    # be sent, or at the service), shared by every worker of every batch on the account; times on the database's
+    # clock. `runners` keeps when the account's runner was last seen free.
+    """
+    CREATE TABLE lpengine.account_tasks (
+        account      TEXT NOT NULL,
+        batch        TEXT NOT NULL,
+        item_id      TEXT NOT NULL,
+        worker       TEXT NOT NULL,
+        taken_at     DOUBLE PRECISION NOT NULL,
+        audio_s      DOUBLE PRECISION NOT NULL,
+        submitted_at DOUBLE PRECISION,
+        PRIMARY KEY (account, batch, item_id)
+    );
+    CREATE TABLE lpengine.runners (
+        account TEXT PRIMARY KEY,
+        free_at DOUBLE PRECISION NOT NULL
+    );
+    -- One statement for the caller; inside, one taker per account at a time (the advisory lock), and each statement
+    -- sees what earlier takers committed (a volatile function takes a new snapshot per statement).
+    CREATE FUNCTION lpengine.take_slot(p_account TEXT, p_batch TEXT, p_item TEXT, p_worker TEXT,
+                                       p_audio DOUBLE PRECISION, p_window INTEGER) RETURNS BOOLEAN
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        outstanding INTEGER;
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtext('lpengine.account_tasks'), hashtext(p_account));
+        -- an item whose task is at the service already (taken over from a dead worker) keeps its place
+        UPDATE lpengine.account_tasks SET worker = p_worker
+            WHERE account = p_account AND batch = p_batch AND item_id = p_item AND submitted_at IS NOT NULL;
+        IF FOUND THEN
+            RETURN TRUE;
+        END IF;
+        -- places of workers that left are free (what they left is taken over, and takes its place again)
+        DELETE FROM lpengine.account_tasks t WHERE t.account = p_account AND NOT EXISTS (
+            SELECT 1 FROM lpengine.workers w WHERE w.batch = t.batch AND w.worker_id = t.worker);
+        SELECT count(*) INTO outstanding FROM lpengine.account_tasks t
+            JOIN lpengine.workers w ON w.batch = t.batch AND w.worker_id = t.worker
+            WHERE t.account = p_account AND NOT (t.batch = p_batch AND t.item_id = p_item)
+            AND w.heartbeat_at > now() - make_interval(secs => w.lease_s);
+        IF outstanding >= p_window THEN
+            RETURN FALSE;
+        END IF;
+        INSERT INTO lpengine.account_tasks AS t (account, batch, item_id, worker, taken_at, audio_s)
+            VALUES (p_account, p_batch, p_item, p_worker, extract(epoch from clock_timestamp()), p_audio)
+            ON CONFLICT (account, batch, item_id) DO UPDATE SET worker = excluded.worker,
+            taken_at = excluded.taken_at, audio_s = excluded.audio_s, submitted_at = NULL;
+        RETURN TRUE;
+    END $$;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -312,7 +363,7 @@ class PostgresStateStore:
                 await anyio.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
-    async def _write(self, sql: str, args: tuple[Any, ...]) -> None:
+    async def _write(self, sql: str, args: tuple[Any, ...] | dict[str, Any]) -> None:
         async def work(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute(sql.encode(), args)
 
@@ -569,6 +620,9 @@ class PostgresStateStore:
     def pacer(self, account: str) -> AccountPacer:
         return AccountPacer(self, account)
 
+    def account_queue(self, account: str) -> SharedQueue:
+        return SharedQueue(self, account)
+
     async def workers(self) -> list[dict[str, Any]]:
         """Every worker this batch has seen and not seen leave, for `lpengine status`."""
         rows = await self._all(_WORKERS, (self.batch,))
@@ -595,6 +649,78 @@ class AccountPacer:
         return float(row[0]), float(row[1])
 
 
+class SharedQueue:
+    """The account's submission window and queue in `lpengine.account_tasks` (see `AccountQueue`).
+
+    A place counts while its worker is live: a dead worker's unsent places free themselves, and its tasks at the
+    service take their places again when their items are taken over (until then the account may hold a few more
+    than the window). Times cross processes on the database's clock, mapped to this process's by the offset each
+    answer carries, so hosts' clocks need not agree.
+    """
+
+    def __init__(self, store: PostgresStateStore, account: str) -> None:
+        self._store = store
+        self._account = account
+        self._offsets: list[float] = []
+
+    def _calibrate(self, db_now: float, sent: float) -> float:
+        """Record the database's clock against ours (half way through the round trip); the offset, smoothed."""
+        self._offsets.append(db_now - (sent + anyio.current_time()) / 2)
+        del self._offsets[:-21]
+        return statistics.median(self._offsets)
+
+    async def take(self, item_id: str, window: int, audio_s: float) -> bool:
+        store = self._store
+        row = await store._one(
+            "SELECT lpengine.take_slot(%s, %s, %s, %s, %s, %s)",
+            (self._account, store.batch, item_id, store.worker_id, audio_s, window),
+        )
+        return bool(row and row[0])
+
+    async def submitted(self, item_id: str) -> float:
+        store = self._store
+        sent = anyio.current_time()
+        row = await store._one(_SUBMITTED, (self._account, store.batch, item_id, store.worker_id))
+        if row is None:  # its place was taken over meanwhile: the order is ours to guess
+            return sent
+        return float(row[0]) - self._calibrate(float(row[1]), sent)
+
+    async def release(self, item_id: str, runner_free: float | None) -> None:
+        store = self._store
+        free = runner_free + statistics.median(self._offsets) if runner_free is not None and self._offsets else None
+        await store._write(
+            _RELEASE, {"a": self._account, "b": store.batch, "i": item_id, "w": store.worker_id, "free": free}
+        )
+
+    async def view(self) -> QueueView:
+        sent = anyio.current_time()
+        row = await self._store._one(_VIEW, {"a": self._account, "w": self._store.worker_id})
+        assert row is not None  # an aggregate always returns its row
+        offset = self._calibrate(float(row[1]), sent)
+        return QueueView(
+            runner_free=float(row[0]) - offset if row[0] is not None else None,
+            queued=[(float(at) - offset, float(audio)) for at, audio in orjson.loads(row[2])],
+        )
+
+
+_SUBMITTED = (
+    "UPDATE lpengine.account_tasks SET submitted_at = coalesce(submitted_at, extract(epoch from clock_timestamp())) "
+    "WHERE account = %s AND batch = %s AND item_id = %s AND worker = %s "
+    "RETURNING submitted_at, extract(epoch from clock_timestamp())"
+)
+_RELEASE = (
+    "WITH gone AS (DELETE FROM lpengine.account_tasks "
+    "WHERE account = %(a)s AND batch = %(b)s AND item_id = %(i)s AND worker = %(w)s) "
+    "INSERT INTO lpengine.runners AS r (account, free_at) SELECT %(a)s, %(free)s::float8 WHERE %(free)s::float8 "
+    "IS NOT NULL ON CONFLICT (account) DO UPDATE SET free_at = greatest(r.free_at, excluded.free_at)"
+)
+_VIEW = (
+    "SELECT (SELECT free_at FROM lpengine.runners WHERE account = %(a)s), extract(epoch from clock_timestamp()), "
+    "coalesce((SELECT json_agg(json_build_array(t.submitted_at, t.audio_s)) FROM lpengine.account_tasks t "
+    "JOIN lpengine.workers w ON w.batch = t.batch AND w.worker_id = t.worker "
+    "WHERE t.account = %(a)s AND t.worker <> %(w)s AND t.submitted_at IS NOT NULL "
+    "AND w.heartbeat_at > now() - make_interval(secs => w.lease_s)), '[]')::text"
+)
 _RESERVE = (
     "INSERT INTO lpengine.pacing AS p (account, family, next_at) "
     "VALUES (%(account)s, %(family)s, extract(epoch from clock_timestamp()) + %(interval)s) "

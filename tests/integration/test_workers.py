@@ -124,6 +124,45 @@ async def test_workers_on_one_account_take_request_slots_from_one_schedule(pg_ur
     assert other < slots[-1]
 
 
+async def test_the_submission_window_holds_for_the_account_across_workers_and_batches(pg_url: str) -> None:
+    account = f"acct-{unique_batch()}"
+    async with (
+        PostgresStateStore(pg_url, unique_batch(), lease_s=30) as a,
+        PostgresStateStore(pg_url, unique_batch(), lease_s=30) as b,  # another batch on the same account
+    ):
+        qa, qb = a.account_queue(account), b.account_queue(account)
+        assert await qa.take("i1", 2, 10.0) and await qa.take("i2", 2, 20.0)
+        assert not await qb.take("j1", 2, 10.0)  # the account has two out: b waits, whatever its own count
+        assert await b.account_queue(f"other-{account}").take("j1", 2, 10.0)  # another account: its own window
+        await qa.submitted("i1")
+        queued = (await qb.view()).queued
+        assert [audio for _, audio in queued] == [10.0]  # a's task at the service, for b's predictions
+        await qa.release("i2", None)  # never sent
+        assert await qb.take("j1", 2, 10.0)
+        assert not await qa.take("i3", 2, 10.0)
+        freed = anyio.current_time()
+        await qa.release("i1", freed)
+        assert (await qb.view()).runner_free == pytest.approx(freed, abs=0.05)
+        assert await qa.take("i3", 2, 10.0)
+
+
+async def test_a_dead_workers_places_free_themselves_but_its_tasks_at_the_service_keep_theirs(pg_url: str) -> None:
+    account = f"acct-{unique_batch()}"
+    batch = unique_batch()
+    async with (
+        PostgresStateStore(pg_url, batch, lease_s=30) as a,
+        PostgresStateStore(pg_url, batch, lease_s=30) as b,
+    ):
+        qa, qb = a.account_queue(account), b.account_queue(account)
+        assert await qa.take("sent", 2, 10.0) and await qa.take("unsent", 2, 10.0)
+        await qa.submitted("sent")
+        assert not await qb.take("x", 2, 10.0)
+        _age(pg_url, a.worker_id, 31)  # a died
+        assert await qb.take("x", 2, 10.0)  # its places no longer count...
+        assert await qb.take("sent", 2, 10.0)  # ...and its task at the service keeps one for whoever takes it over
+        assert not await qb.take("y", 2, 10.0)
+
+
 async def test_two_engines_share_a_batch_and_pay_for_each_image_once(tmp_path: Path, pg_url: str) -> None:
     from lpengine.demo_assets import make_portraits
 
