@@ -59,6 +59,7 @@ class Tracked:
     odd_status_logged: bool = False
     """An UNRECOGNISED status of this task was logged (once per task is enough to notice a contract change)."""
     due: float = 0.0
+    """When it was last planned to be queried (local clock)."""
 
 
 @dataclass
