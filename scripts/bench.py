@@ -52,7 +52,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-API_KEY = "sk-bench"
+# One account per bench run (the client processes inherit it): runs sharing a state database must not share the
+# account's window and queue in it (docs/scaling.md), as two runs against two emulators would otherwise.
+API_KEY = os.environ.setdefault("LPENGINE_BENCH_KEY", f"sk-bench-{os.urandom(4).hex()}")
 CLIENTS = ("lpengine", "sdk", "sdk-aio")
 EXTRA_CLIENTS = ("bare",)  # the floor: same requests, bare aiohttp, nothing else (see _client_bare)
 DEFAULT_DURATIONS = (5.0, 9.0, 14.0, 20.0, 27.0, 35.0, 44.0, 52.0, 60.0)
@@ -161,7 +163,7 @@ def make_inputs(s: BenchSettings, root: Path) -> Inputs:
 
 
 def write_lpengine_config(s: BenchSettings, inputs: Inputs, base_url: str, files_url: str, out: Path) -> Path:
-    """The YAML the lpengine client runs (also runnable by hand: `DASHSCOPE_API_KEY=sk-bench lpengine run …`)."""
+    """The YAML the lpengine client runs (also by hand: `DASHSCOPE_API_KEY=$LPENGINE_BENCH_KEY lpengine run …`)."""
     root = inputs.root
     if s.instant and s.inputs == "files":
         source = "inputs:\n  images: images\naudio: " + inputs.items[0][1] + "\n"
